@@ -1,0 +1,165 @@
+"""The book pipeline: execute a profile's notebooks with papermill (cached), then build the Jupyter Book.
+
+A profile (YAML) lists notebooks and the parameters papermill injects into them. An executed notebook is
+cached under ``cache_dir("notebooks")`` by a hash of (notebook source, parameters, package version and
+source), so an unchanged notebook is never executed twice. The HTML is built in a staging folder and only
+replaces ``_build/html`` when the whole build succeeded.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from . import __version__
+from .cache import atomic_dir, atomic_write_bytes, cache_dir, stable_hash
+from .errors import NotebookError, ProfileError, UnifiedDeltaError
+
+PROFILE_DIR = Path(__file__).parent / "profiles"
+PACKAGE_DIR = Path(__file__).parent
+GENERATED = Path("book") / "generated"  # where _toc.yml expects the executed notebooks
+
+
+@dataclass(frozen=True)
+class NotebookRun:
+    name: str
+    source: Path
+    output: Path
+    parameters: dict
+
+
+def shipped_profiles() -> list[str]:
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+
+
+def load_profile(profile: str | os.PathLike) -> dict:
+    """A shipped profile by name (``tiny``, ``paper``) or a YAML file by path, checked for shape."""
+    path = Path(profile)
+    if path.suffix not in (".yaml", ".yml"):
+        path = PROFILE_DIR / f"{profile}.yaml"
+    if not path.is_file():
+        raise ProfileError(f"unknown profile {str(profile)!r} (shipped profiles: {', '.join(shipped_profiles())})")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ProfileError(f"profile {path} is not valid YAML: {e}") from None
+    notebooks = data.get("notebooks") if isinstance(data, dict) else None
+    if not isinstance(notebooks, list) or not all(isinstance(n, dict) and "name" in n for n in notebooks):
+        raise ProfileError(f"profile {path} must have a 'notebooks' list of entries with a 'name'")
+    data.setdefault("name", path.stem)
+    data.setdefault("defaults", {})
+    return data
+
+
+def find_root(start: str | os.PathLike | None = None) -> Path:
+    """The book's root: the nearest folder (from ``start`` upwards) holding ``_config.yml`` and ``_toc.yml``."""
+    here = Path(start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "_config.yml").is_file() and (folder / "_toc.yml").is_file():
+            return folder
+    raise UnifiedDeltaError(f"no book root (_config.yml and _toc.yml) in {here} or above; pass --root")
+
+
+def plan(profile: dict, root: Path) -> list[NotebookRun]:
+    """Resolve each notebook of the profile and check its parameters against the ones it declares."""
+    import papermill
+
+    runs = []
+    for entry in profile["notebooks"]:
+        name = entry["name"]
+        source = root / "notebooks" / f"{name}.ipynb"
+        if not source.is_file():
+            raise ProfileError(f"profile {profile['name']}: notebook {name!r} not found at {source}")
+        declared = papermill.inspect_notebook(str(source))
+        given = entry.get("parameters") or {}
+        unknown = sorted(set(given) - set(declared))
+        if unknown:
+            raise ProfileError(
+                f"profile {profile['name']}: notebook {name!r} does not declare parameter(s) {', '.join(unknown)}"
+                f" (it declares: {', '.join(declared) or 'none'})"
+            )
+        params = {k: v for k, v in profile["defaults"].items() if k in declared} | given
+        runs.append(NotebookRun(name, source, root / GENERATED / f"{name}.ipynb", params))
+    return runs
+
+
+def _package_digest() -> str:
+    """A hash of the package's own code, so a changed module re-executes the notebooks that use it."""
+    files = sorted(p for p in PACKAGE_DIR.rglob("*") if p.suffix in (".py", ".yaml") and "__pycache__" not in p.parts)
+    return stable_hash(*[(str(p.relative_to(PACKAGE_DIR)), p.read_bytes().hex()) for p in files])
+
+
+def cache_key(run: NotebookRun) -> str:
+    return stable_hash(run.source.read_bytes(), run.parameters, __version__, _package_digest())
+
+
+def execute(run: NotebookRun, *, force: bool = False, cwd: Path | None = None) -> bool:
+    """Execute one notebook unless the cache has it; place the executed copy at ``run.output``.
+
+    Returns True if it was executed, False on a cache hit. A raising cell becomes a ``NotebookError``
+    naming the notebook and the cell; nothing is cached then.
+    """
+    import papermill
+
+    cached = cache_dir("notebooks") / f"{run.name}-{cache_key(run)}.ipynb"
+    executed = False
+    if force or not cached.is_file():
+        tmp = cached.with_name(f".{cached.name}.{os.getpid()}.running.ipynb")
+        try:
+            papermill.execute_notebook(
+                str(run.source), str(tmp), parameters=run.parameters, cwd=str(cwd or run.source.parent),
+                progress_bar=True, kernel_name="python3",
+            )
+            os.replace(tmp, cached)  # only a notebook that ran to the end enters the cache
+        except papermill.PapermillExecutionError as e:
+            raise NotebookError(
+                f"notebook {run.name} ({run.source}): cell {e.cell_index} (execution count {e.exec_count}) "
+                f"raised {e.ename}: {e.evalue}"
+            ) from None
+        finally:
+            tmp.unlink(missing_ok=True)
+        executed = True
+    atomic_write_bytes(run.output, cached.read_bytes())
+    return executed
+
+
+def build_html(root: Path) -> Path:
+    """Run ``jupyter-book build -W`` in a staging folder; on success swap the HTML into ``_build/html``."""
+    staging = root / "_build" / ".staging"
+    cmd = [sys.executable, "-c", "from jupyter_book.cli.main import main; main()", "build", str(root), "--path-output", str(staging),
+           "-W", "--keep-going"]
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
+    if proc.returncode != 0:
+        log = re.sub(r"\x1b\[[0-9;]*m", "", proc.stdout + proc.stderr).splitlines()
+        problems = [ln.strip() for ln in log if re.search(r"WARNING|ERROR|[Ee]rror:", ln)]
+        detail = problems[0] if problems else "no warning printed"
+        raise UnifiedDeltaError(f"jupyter-book build failed ({len(problems)} problem(s)); first: {detail}")
+    with atomic_dir(root / "_build" / "html", overwrite=True) as tmp:
+        shutil.copytree(staging / "_build" / "html", tmp, dirs_exist_ok=True)
+    return root / "_build" / "html" / "index.html"
+
+
+def build_book(profile: str = "tiny", only: list[str] | None = None, root: str | os.PathLike | None = None,
+               force: bool = False) -> Path:
+    """Execute the profile's notebooks (all, or ``only`` these), then build the book; return index.html."""
+    prof = load_profile(profile)
+    book_root = Path(root).resolve() if root else find_root()
+    runs = plan(prof, book_root)
+    names = [r.name for r in runs]
+    missing = sorted(set(only or []) - set(names))
+    if missing:
+        raise ProfileError(f"notebook(s) {', '.join(missing)} not in profile {prof['name']} (it lists: {', '.join(names)})")
+    for run in runs:
+        if only and run.name not in only:
+            if not run.output.is_file():
+                raise ProfileError(f"notebook {run.name} has not been executed yet; run without --only first")
+            continue
+        execute(run, force=force, cwd=book_root)
+    return build_html(book_root)
