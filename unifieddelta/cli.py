@@ -28,11 +28,99 @@ def _add_book(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_book)
 
 
+def _parse_set(items: list[str] | None) -> dict[str, object]:
+    """``key=value`` pairs; values read as int, float, true/false/none, else kept as text."""
+    from .errors import InvalidParameterError
+
+    params: dict[str, object] = {}
+    for item in items or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise InvalidParameterError(f"--set expects key=value, got {item!r}")
+        value: object = text
+        for cast in (int, float):
+            try:
+                value = cast(text)
+                break
+            except ValueError:
+                pass
+        else:
+            value = {"true": True, "false": False, "none": None}.get(text.lower(), text)
+        params[key.strip()] = value
+    return params
+
+
+def _warn_lines(caught) -> None:
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+
+
+def _edit(args: argparse.Namespace) -> int:
+    import warnings
+
+    from .deltas import apply_edit
+
+    params = _parse_set(args.set)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = apply_edit(
+            args.pre, args.post, args.method, seed=args.seed, include=args.include, exclude=args.exclude,
+            preset=args.preset, out=args.out, overwrite=args.overwrite, progress=True, **params,
+        )  # fmt: skip
+    _warn_lines(caught)
+    print(f"edited checkpoint: {out}")
+    return 0
+
+
+def _add_edit(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("edit", help="write the checkpoint W_pre + F(W_post - W_pre), shard by shard")
+    p.add_argument("--pre", required=True, help="pre-trained checkpoint: a local Hugging Face folder or a hub id")
+    p.add_argument("--post", required=True, help="post-trained checkpoint: a local Hugging Face folder or a hub id")
+    p.add_argument("--method", required=True, help="dare, drop_only, bitdelta, low_rank, magnitude_trim, extrapolate, sign_biased")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a setting of the method (repeatable), e.g. p=0.9")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random edits (per tensor: seed and tensor name)")
+    p.add_argument("--out", required=True, help="folder to write (refused if it exists, unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--include", action="append", metavar="REGEX", help="edit only tensors whose name matches")
+    p.add_argument("--exclude", action="append", metavar="REGEX", help="leave tensors whose name matches as in post")
+    p.add_argument("--preset", default="all", help="all (default), matrices (2-D only), linear (no embeddings/norms/heads)")
+    p.set_defaults(func=_edit)
+
+
+def _stats(args: argparse.Namespace) -> int:
+    import warnings
+
+    from .cache import atomic_write_bytes
+    from .deltas import delta_stats
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        table = delta_stats(args.pre, args.post, include=args.include, exclude=args.exclude, preset=args.preset)
+    _warn_lines(caught)
+    if args.csv:
+        atomic_write_bytes(args.csv, table.to_csv(index=False).encode())
+    print(table.to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+    return 0
+
+
+def _add_stats(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("stats", help="per-tensor statistics of the delta W_post - W_pre")
+    p.add_argument("--pre", required=True, help="pre-trained checkpoint: a local Hugging Face folder or a hub id")
+    p.add_argument("--post", required=True, help="post-trained checkpoint: a local Hugging Face folder or a hub id")
+    p.add_argument("--csv", metavar="FILE", help="also write the table as CSV")
+    p.add_argument("--include", action="append", metavar="REGEX", help="only tensors whose name matches")
+    p.add_argument("--exclude", action="append", metavar="REGEX", help="skip tensors whose name matches")
+    p.add_argument("--preset", default="all", help="all (default), matrices, linear")
+    p.set_defaults(func=_stats)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unifieddelta", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     # One registration line per sub-command; the functions above hold the behaviour.
     _add_book(sub)
+    _add_edit(sub)
+    _add_stats(sub)
     return parser
 
 

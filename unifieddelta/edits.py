@@ -1,0 +1,273 @@
+"""Editing operations on one delta tensor: ``ΔW`` in, the edited delta ``F(ΔW)`` out.
+
+Each function is pure: it never modifies its input, returns a tensor of the input's shape and dtype, and
+computes in float32 or better (float64 stays float64; bf16 and fp16 are promoted) so that half-precision
+checkpoints are not edited in half precision. Random edits take a ``torch.Generator``; the caller derives it
+from (seed, tensor name) so results do not depend on order, sharding or threads (see ``deltas.tensor_generator``).
+The methods never know where tensors come from: loading and writing checkpoints lives in ``deltas.py``.
+
+The paper's unified view in one line: the edited model is ``W_post + D`` with ``D = F(ΔW) − ΔW``; DARE,
+its sign-flipping extension and the "biased" variants of Table 1 are all :func:`masked_rescale` with a
+different mask.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Callable
+
+import torch
+
+from .errors import InvalidParameterError, MismatchError
+
+__all__ = [
+    "masked_rescale",
+    "dare",
+    "drop_only",
+    "bitdelta",
+    "low_rank",
+    "resolve_rank",
+    "magnitude_trim",
+    "extrapolate",
+    "sign_biased",
+    "product_biased",
+    "METHODS",
+    "GRAD_METHODS",
+    "get_method",
+    "needs_generator",
+    "needs_grad",
+    "method_params",
+]
+
+
+# --- helpers -------------------------------------------------------------------------------------------------
+
+
+def _work(delta: torch.Tensor) -> torch.Tensor:
+    """The delta in its compute dtype: float32 or better (float64 input stays float64)."""
+    if not isinstance(delta, torch.Tensor) or not delta.is_floating_point():
+        raise InvalidParameterError(
+            f"delta must be a floating-point tensor, got {getattr(delta, 'dtype', type(delta).__name__)}"
+        )
+    return delta.to(torch.promote_types(delta.dtype, torch.float32))
+
+
+def _finite(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidParameterError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _in_range(name: str, value: float, lo: float, hi: float, *, lo_open: bool, hi_open: bool) -> float:
+    value = _finite(name, value)
+    ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+    if not ok:
+        interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        raise InvalidParameterError(f"{name} must be in {interval}, got {value!r}")
+    return value
+
+
+def _uniform(delta: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """U[0, 1) of delta's shape, drawn on the generator's device (so a seed means the same draw everywhere)."""
+    device = generator.device if generator is not None else delta.device
+    return torch.rand(delta.shape, generator=generator, device=device).to(delta.device)
+
+
+# --- the unified operation -----------------------------------------------------------------------------------
+
+
+def masked_rescale(delta: torch.Tensor, mask: torch.Tensor, p: float, k: float = 0.0) -> torch.Tensor:
+    """F(Δ) = k·Δ where mask, (1−k·p)/(1−p)·Δ elsewhere: E[F(Δ)] = Δ when mask ~ Bernoulli(p).
+
+    The common core of DARE (random mask), sign-biased and product-biased reweighting (deterministic masks).
+    ``p`` must be in [0, 1); when the mask covers every entry, the factor of the (absent) others is irrelevant.
+    """
+    p = _in_range("p", p, 0.0, 1.0, lo_open=False, hi_open=True)
+    k = _finite("k", k)
+    if mask.shape != delta.shape:
+        raise MismatchError(f"mask shape {tuple(mask.shape)} does not match delta shape {tuple(delta.shape)}")
+    work = _work(delta)
+    keep_scale = (1.0 - k * p) / (1.0 - p)  # exactly 1.0 when p = 0: the identity edit is bit for bit
+    out = torch.where(mask.to(device=work.device, dtype=torch.bool), work * k, work * keep_scale)
+    return out.to(delta.dtype)
+
+
+# --- the paper's methods -------------------------------------------------------------------------------------
+
+
+def dare(delta: torch.Tensor, p: float, k: float = 0.0, *, generator: torch.Generator | None = None) -> torch.Tensor:
+    """F(Δ) = k·Δ where M=1, (1−k·p)/(1−p)·Δ where M=0, M ~ Bernoulli(p): k=0 is DARE, k<0 flips signs."""
+    p = _in_range("p", p, 0.0, 1.0, lo_open=False, hi_open=True)
+    mask = _uniform(delta, generator) < p
+    return masked_rescale(delta, mask, p, k)
+
+
+def drop_only(delta: torch.Tensor, p: float, *, generator: torch.Generator | None = None) -> torch.Tensor:
+    """F(Δ) = (1−M)·Δ, M ~ Bernoulli(p), no rescale (the paper's Fig. 3 baseline); p in [0, 1]."""
+    p = _in_range("p", p, 0.0, 1.0, lo_open=False, hi_open=False)
+    work = _work(delta)
+    mask = _uniform(delta, generator) < p
+    return work.masked_fill(mask, 0.0).to(delta.dtype)
+
+
+def bitdelta(
+    delta: torch.Tensor,
+    bits: int = 0,
+    *,
+    scale: float = 1.0,
+    magnitudes: str = "mean",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """F(Δ) = scale·mean(|Δ|)·sign(Δ); bits=b: 2^b magnitude-sorted equal-count blocks, each at its mean |Δ|.
+
+    ``magnitudes="normal"``: magnitudes m·(1 + z), z ~ N(0, 1); ``"uniform"``: m·2u, u ~ U[0, 1); both with
+    mean m = scale·mean(|Δ|), signs kept (the paper leaves the spread unstated; a normal draw below zero flips
+    that entry's sign). sign(0) = 0: an entry the post-training left unchanged stays unchanged.
+    """
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits < 0:
+        raise InvalidParameterError(f"bits must be an integer >= 0, got {bits!r}")
+    scale = _finite("scale", scale)
+    if scale < 0:
+        raise InvalidParameterError(f"scale must be >= 0, got {scale!r}")
+    if magnitudes not in ("mean", "normal", "uniform"):
+        raise InvalidParameterError(f"magnitudes must be 'mean', 'normal' or 'uniform', got {magnitudes!r}")
+    if magnitudes != "mean" and bits != 0:
+        raise InvalidParameterError(f"magnitudes={magnitudes!r} draws one distribution per tensor: use bits=0")
+    work = _work(delta)
+    sign, mag = work.sign(), work.abs()
+    if work.numel() == 0:
+        return delta.clone()
+    if magnitudes == "normal":
+        z = torch.randn(work.shape, generator=generator, device=generator.device if generator is not None else work.device)
+        return (sign * mag.mean() * scale * (1.0 + z.to(work))).to(delta.dtype)
+    if magnitudes == "uniform":
+        return (sign * mag.mean() * scale * 2.0 * _uniform(work, generator).to(work)).to(delta.dtype)
+    n = mag.numel()
+    blocks = min(2**bits, n)
+    flat = mag.reshape(-1)
+    order = torch.argsort(flat, stable=True)  # stable: ties go to blocks in index order, deterministically
+    # Sorted position i goes to block floor(i·B/n): B blocks whose sizes differ by at most one.
+    block_of_rank = torch.arange(n, device=work.device, dtype=torch.int64) * blocks // n
+    block = torch.empty_like(block_of_rank).scatter_(0, order, block_of_rank)
+    sums = torch.zeros(blocks, dtype=work.dtype, device=work.device).index_add_(0, block, flat)
+    counts = torch.bincount(block, minlength=blocks).to(work.dtype)
+    means = sums / counts.clamp_min(1)
+    return (sign * (scale * means[block]).reshape(work.shape)).to(delta.dtype)
+
+
+def low_rank(delta: torch.Tensor, rank: int | float) -> torch.Tensor:
+    """F(Δ) = U_r·diag(S_r)·V_rᵀ, the best rank-r approximation (truncated SVD) of a 2-D Δ.
+
+    ``rank``: an int in [0, min(m, n)], or a float in (0, 1] = that fraction of min(m, n), floored but at least
+    one (Twin-Merging's ``int(density·len(S))``). Tensors with more than two dimensions are treated as
+    (shape[0], rest) matrices; 0-D and 1-D deltas (biases, norms) are returned unchanged.
+    """
+    r = resolve_rank(rank, tuple(delta.shape))
+    work = _work(delta)
+    if r is None:
+        return work.to(delta.dtype) if work is not delta else delta.clone()  # a copy, never the input itself
+    matrix = work.reshape(work.shape[0], -1)
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    approx = (u[:, :r] * s[:r]) @ vh[:r]
+    return approx.reshape(work.shape).to(delta.dtype)
+
+
+def resolve_rank(rank: int | float, shape: tuple[int, ...]) -> int | None:
+    """The integer rank ``low_rank`` keeps for a delta of this shape (None: 0-D/1-D, returned unchanged)."""
+    if isinstance(rank, bool) or not isinstance(rank, (int, float)):
+        raise InvalidParameterError(f"rank must be an int or a float in (0, 1], got {rank!r}")
+    if isinstance(rank, float):
+        _in_range("rank (as a fraction)", rank, 0.0, 1.0, lo_open=True, hi_open=False)
+    elif rank < 0:
+        raise InvalidParameterError(f"rank must be >= 0, got {rank!r}")
+    if len(shape) < 2:
+        return None
+    full = min(shape[0], math.prod(shape[1:]))
+    r = min(max(1, int(rank * full)), full) if isinstance(rank, float) else rank
+    if r > full:
+        raise InvalidParameterError(f"rank {r} exceeds min(m, n) = {full} for a delta of shape {tuple(shape)}")
+    return r
+
+
+def magnitude_trim(delta: torch.Tensor, keep: float) -> torch.Tensor:
+    """F(Δ) = M⊙Δ, M = 1 on the round(keep·n) entries of largest |Δ| in this tensor (TIES' trim), 0 elsewhere."""
+    keep = _in_range("keep", keep, 0.0, 1.0, lo_open=True, hi_open=False)
+    work = _work(delta)
+    flat = work.reshape(-1)
+    count = math.floor(keep * flat.numel() + 0.5)
+    mask = torch.zeros(flat.shape, dtype=torch.bool, device=work.device)
+    mask[torch.topk(flat.abs(), count, sorted=False).indices] = True
+    return torch.where(mask, flat, torch.zeros_like(flat)).reshape(work.shape).to(delta.dtype)
+
+
+def extrapolate(delta: torch.Tensor, alpha: float) -> torch.Tensor:
+    """F(Δ) = (1+α)·Δ: EXPO for α > 0, interpolation toward pre for α < 0 (α = −1 gives pre)."""
+    alpha = _finite("alpha", alpha)
+    return (_work(delta) * (1.0 + alpha)).to(delta.dtype)
+
+
+def sign_biased(delta: torch.Tensor, k: float) -> torch.Tensor:
+    """F(Δ) = k·Δ where Δ < 0, (1−k·p)/(1−p)·Δ elsewhere, p = fraction of negative entries (Table 1, middle)."""
+    mask = delta < 0
+    return masked_rescale(delta, mask, _measured_p(mask), k)
+
+
+def product_biased(delta: torch.Tensor, grad: torch.Tensor, k: float) -> torch.Tensor:
+    """F(Δ) = k·Δ where Δ·∇L < 0, (1−k·p)/(1−p)·Δ elsewhere, p = fraction of negative products (Table 1, right)."""
+    if not isinstance(grad, torch.Tensor) or grad.shape != delta.shape:
+        raise MismatchError(
+            f"grad shape {tuple(getattr(grad, 'shape', ()))} does not match delta shape {tuple(delta.shape)}"
+        )
+    product = _work(delta) * grad.to(device=delta.device, dtype=torch.promote_types(grad.dtype, torch.float32))
+    mask = product < 0
+    return masked_rescale(delta, mask, _measured_p(mask), k)
+
+
+def _measured_p(mask: torch.Tensor) -> float:
+    """The fraction of entries in the mask; 0 when it is all of them (the others' factor then multiplies nothing)."""
+    p = mask.sum().item() / max(mask.numel(), 1)
+    return p if p < 1.0 else 0.0
+
+
+# --- registry ------------------------------------------------------------------------------------------------
+
+#: Methods that need only the delta (and maybe a generator): what the CLI and the sweeps iterate over.
+METHODS: dict[str, Callable[..., torch.Tensor]] = {
+    "dare": dare,
+    "drop_only": drop_only,
+    "bitdelta": bitdelta,
+    "low_rank": low_rank,
+    "magnitude_trim": magnitude_trim,
+    "extrapolate": extrapolate,
+    "sign_biased": sign_biased,
+}
+
+#: Methods that also need the loss gradient at W_post, tensor by tensor (``grad=``).
+GRAD_METHODS: dict[str, Callable[..., torch.Tensor]] = {"product_biased": product_biased}
+
+
+def get_method(name: str) -> Callable[..., torch.Tensor]:
+    """The edit function called ``name``; an ``InvalidParameterError`` listing the known names otherwise."""
+    fn = METHODS.get(name) or GRAD_METHODS.get(name)
+    if fn is None:
+        known = ", ".join(sorted({**METHODS, **GRAD_METHODS}))
+        raise InvalidParameterError(f"unknown method {name!r}; known methods: {known}")
+    return fn
+
+
+def needs_generator(method: str) -> bool:
+    """Whether the method accepts a ``generator`` (draws random numbers for some of its settings)."""
+    return "generator" in inspect.signature(get_method(method)).parameters
+
+
+def needs_grad(method: str) -> bool:
+    """Whether the method needs the loss gradient (``grad=``) besides the delta."""
+    get_method(method)
+    return method in GRAD_METHODS
+
+
+def method_params(method: str) -> dict[str, inspect.Parameter]:
+    """The method's settings (everything but the delta, the gradient and the generator), by name."""
+    skip = {"delta", "grad", "generator"}
+    return {n: p for n, p in inspect.signature(get_method(method)).parameters.items() if n not in skip}
