@@ -1,0 +1,168 @@
+"""Loss callables with fixed data and batch size, for the approximation term: ``loss(model) -> scalar``.
+
+Each loss is a mean over *all* its data (tokens for the NLL, examples otherwise), split into fixed batches.
+``loss.parts()`` gives one callable per batch of this process, each returning that batch's share of the mean,
+so the parts sum to the loss. Under ``torch.distributed`` every process takes every world-size-th batch, and
+the shares summed over processes are the one-process loss exactly; :mod:`unifieddelta.approx` sums them.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import InvalidParameterError
+
+IGNORE = -100  # label of a token that does not count (prompt, padding), as in Hugging Face
+
+
+class BatchLoss:
+    """A mean over fixed batches: ``batch_sum(model, batch)`` sums the loss over one batch, ``total`` counts the data."""
+
+    def __init__(self, batches: list[Any], batch_sum: Callable[[nn.Module, Any], torch.Tensor], total: float, name: str):
+        if not batches or total <= 0:
+            raise InvalidParameterError(f"{name}: no data to compute a loss on")
+        self.batches, self.batch_sum, self.total, self.name = batches, batch_sum, float(total), name
+
+    def parts(self) -> list[Callable[[nn.Module], torch.Tensor]]:
+        """This process's batches, each as ``model -> its share of the mean``."""
+        rank, world = 0, 1
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return [functools.partial(self._part, i) for i in range(rank, len(self.batches), world)]
+
+    def _part(self, i: int, model: nn.Module) -> torch.Tensor:
+        return self.batch_sum(model, self.batches[i]) / self.total
+
+    def __call__(self, model: nn.Module) -> torch.Tensor:
+        return sum(part(model) for part in self.parts())
+
+    def __repr__(self) -> str:
+        return f"{self.name}({len(self.batches)} batches, total={self.total:g})"
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(iter(model.parameters())).device
+
+
+def _chunks(items: Sequence, size: int) -> list[Sequence]:
+    if not isinstance(size, int) or size < 1:
+        raise InvalidParameterError(f"batch_size must be an integer >= 1, got {size!r}")
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+# ---------------------------------------------------------------------------------------------- causal LM
+
+
+def _encode(prompt, answer, tokenizer, max_length: int | None) -> tuple[list[int], list[int]]:
+    """Token ids of prompt + answer and their labels (IGNORE on the prompt); strings need a tokenizer."""
+    if isinstance(prompt, str) or isinstance(answer, str):
+        if tokenizer is None:
+            raise InvalidParameterError("text data needs a tokenizer (or pass token ids)")
+        prompt = tokenizer(prompt)["input_ids"] if isinstance(prompt, str) else list(prompt)
+        answer = tokenizer(answer, add_special_tokens=False)["input_ids"] if isinstance(answer, str) else list(answer)
+    ids, labels = list(prompt) + list(answer), [IGNORE] * len(prompt) + list(answer)
+    if max_length is not None:  # keep the end, where the answer is
+        ids, labels = ids[-max_length:], labels[-max_length:]
+    if all(label == IGNORE for label in labels):
+        raise InvalidParameterError("a (prompt, answer) pair has no answer tokens")
+    return ids, labels
+
+
+def _pad(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch: input_ids, attention_mask, labels (IGNORE on padding)."""
+    n = max(len(ids) for ids, _ in rows)
+    ids = torch.tensor([i + [pad_id] * (n - len(i)) for i, _ in rows])
+    labels = torch.tensor([lab + [IGNORE] * (n - len(lab)) for _, lab in rows])
+    mask = torch.tensor([[1] * len(i) + [0] * (n - len(i)) for i, _ in rows])
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _token_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(token | earlier tokens) at every labelled position (0 elsewhere), and the mask of those positions."""
+    dev = _device(model)
+    logits = model(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev)).logits
+    logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))  # softmax in >= float32
+    labels = batch["labels"][:, 1:].to(dev)
+    mask = labels != IGNORE
+    logp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    return logp * mask, mask
+
+
+def causal_lm_nll(pairs: Sequence[tuple], tokenizer=None, *, batch_size: int = 8, max_length: int | None = None) -> BatchLoss:
+    """Mean negative log-likelihood per answer token of (prompt, answer) pairs, prompt tokens masked.
+
+    Pairs are strings (with a tokenizer; the prompt gets the tokenizer's special tokens, the answer none) or
+    lists of token ids. This is how the paper's term is computed on GSM8K (question → worked answer).
+    """
+    rows = [_encode(p, a, tokenizer, max_length) for p, a in pairs]
+    pad_id = getattr(tokenizer, "pad_token_id", None) or 0
+    batches = [_pad(list(chunk), pad_id) for chunk in _chunks(rows, batch_size)]
+    total = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
+
+    def batch_sum(model, batch):
+        logp, _ = _token_logprobs(model, batch)
+        return -logp.sum()
+
+    return BatchLoss(batches, batch_sum, total, "causal_lm_nll")
+
+
+# ---------------------------------------------------------------------------------------------- classification
+
+
+def classification_ce(inputs: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 64, input_name: str | None = "pixel_values") -> BatchLoss:
+    """Mean cross-entropy of a classifier over fixed examples (``model(**{input_name: x}).logits``, or ``model(x)``)."""
+    if len(inputs) != len(labels):
+        raise InvalidParameterError(f"{len(inputs)} inputs but {len(labels)} labels")
+    batches = list(zip(_chunks(inputs, batch_size), _chunks(torch.as_tensor(labels), batch_size)))
+
+    def batch_sum(model, batch):
+        x, y = batch
+        dev = _device(model)
+        out = model(**{input_name: x.to(dev)}) if input_name else model(x.to(dev))
+        logits = getattr(out, "logits", out)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        return F.cross_entropy(logits, y.to(dev), reduction="sum")
+
+    return BatchLoss(batches, batch_sum, len(inputs), "classification_ce")
+
+
+# ---------------------------------------------------------------------------------------------- DPO
+
+
+def dpo_loss(
+    reference: nn.Module, triples: Sequence[tuple], tokenizer=None, *, beta: float = 0.1, batch_size: int = 8, max_length: int | None = None
+) -> BatchLoss:
+    """Mean DPO loss −log σ(β[(log π(y_w|x) − log π_ref(y_w|x)) − (log π(y_l|x) − log π_ref(y_l|x))]).
+
+    ``triples`` are (prompt, chosen, rejected); sequence log-probabilities sum over the answer tokens. The
+    reference model (usually the SFT checkpoint) is fixed, so its log-probabilities are computed once per batch.
+    """
+    if beta <= 0:
+        raise InvalidParameterError(f"beta must be > 0, got {beta}")
+    pad_id = getattr(tokenizer, "pad_token_id", None) or 0
+    batches = []
+    for chunk in _chunks(list(triples), batch_size):  # one batch: the chosen rows, then the rejected rows
+        rows = [_encode(p, c, tokenizer, max_length) for p, c, _ in chunk] + [_encode(p, r, tokenizer, max_length) for p, _, r in chunk]
+        batches.append(_pad(rows, pad_id))
+    ref_cache: dict[int, torch.Tensor] = {}
+
+    def seq_logp(model, batch):
+        logp, _ = _token_logprobs(model, batch)
+        return logp.sum(-1)
+
+    def batch_sum(model, batch):
+        key = id(batch)
+        if key not in ref_cache:
+            with torch.no_grad():
+                ref_cache[key] = seq_logp(reference, batch).double().cpu()
+        logp = seq_logp(model, batch)
+        margin = logp - ref_cache[key].to(device=logp.device, dtype=logp.dtype)
+        n = len(margin) // 2
+        return -F.logsigmoid(beta * (margin[:n] - margin[n:])).sum()
+
+    return BatchLoss(batches, batch_sum, len(triples), "dpo_loss")
