@@ -1,0 +1,325 @@
+"""Pairing checkpoints, delta statistics, directions and edited checkpoints (``unifieddelta.deltas``) on tiny saved
+Llama checkpoints: W_pre + F(ΔW) tensor by tensor, bit-for-bit identities, determinism across sharding and order."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from _tiny_ckpt import load_tensors, post_of, save, save_pair, tiny_llama
+from unifieddelta import deltas, edits
+from unifieddelta.errors import InvalidParameterError, MismatchError, NonFiniteError
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pair")
+    pre, post = save_pair(root)
+    sharded = save_pair(root / "sharded", sharded=True)[1]
+    return pre, post, sharded
+
+
+@pytest.fixture(scope="module")
+def pair_bf16(tmp_path_factory):
+    return save_pair(tmp_path_factory.mktemp("bf16"), dtype=torch.bfloat16)
+
+
+def reference_edit(pre, post, method, seed=0, **params):
+    """W_post + (F(ΔW) − ΔW) per tensor, computed here from whole state dicts (float64, rounded once)."""
+    a, b = load_tensors(pre), load_tensors(post)
+    fn = edits.get_method(method)
+    out = {}
+    for name in b:
+        d = b[name].double() - a[name].double()
+        extra = {"generator": deltas.tensor_generator(seed, name)} if edits.needs_generator(method) else {}
+        out[name] = (b[name].double() + (fn(d, **params, **extra) - d)).to(b[name].dtype)
+    return out
+
+
+def no_leftovers(parent):
+    return not [p for p in parent.iterdir() if p.name.startswith(".")]
+
+
+# --- pairing ------------------------------------------------------------------------------------------------
+
+
+def test_iter_deltas_yields_every_tensor_as_stored(pair):
+    pre, post, _ = pair
+    a, b = load_tensors(pre), load_tensors(post)
+    seen = {name: (x, y) for name, x, y in deltas.iter_deltas(pre, post)}
+    assert seen.keys() == b.keys()
+    assert all(torch.equal(x, a[n]) and torch.equal(y, b[n]) for n, (x, y) in seen.items())
+
+
+def test_iter_deltas_on_modules_uses_parameter_names():
+    pre = tiny_llama()
+    post = post_of(pre)
+    names = [n for n, _, _ in deltas.iter_deltas(pre, post)]
+    assert names == [n for n, _ in post.named_parameters()]
+
+
+@pytest.mark.parametrize(
+    "kwargs,check",
+    [
+        ({"preset": "matrices"}, lambda n, s: len(s) == 2),
+        ({"preset": "linear"}, lambda n, s: n.endswith("proj.weight")),
+        ({"include": r"\.mlp\."}, lambda n, s: ".mlp." in n),
+        ({"exclude": ["norm", "embed"]}, lambda n, s: "norm" not in n and "embed" not in n),
+        ({"include": "layers.1", "preset": "linear"}, lambda n, s: "layers.1." in n and "proj" in n),
+    ],
+)
+def test_selection_by_preset_and_regex(pair, kwargs, check):
+    pre, post, _ = pair
+    all_shapes = {n: tuple(y.shape) for n, _, y in deltas.iter_deltas(pre, post)}
+    chosen = [n for n, _, _ in deltas.iter_deltas(pre, post, **kwargs)]
+    assert chosen and set(chosen) == {n for n, s in all_shapes.items() if check(n, s)}
+
+
+def test_unknown_preset_and_bad_regex_raise(pair):
+    pre, post, _ = pair
+    with pytest.raises(InvalidParameterError, match="unknown preset"):
+        list(deltas.iter_deltas(pre, post, preset="everything"))
+    with pytest.raises(InvalidParameterError, match="include"):
+        list(deltas.iter_deltas(pre, post, include="(unclosed"))
+
+
+def test_delta_stats_against_numpy(pair):
+    pre, post, _ = pair
+    a, b = load_tensors(pre), load_tensors(post)
+    table = deltas.delta_stats(pre, post)
+    assert list(table.columns) == ["name", "shape", "numel", "norm", "mean_abs", "rel_change", "frac_zero", "max_abs"]
+    assert list(table["name"]) == list(b)
+    for row in table.itertuples():
+        d = b[row.name].double().numpy() - a[row.name].double().numpy()
+        assert row.shape == d.shape and row.numel == d.size
+        np.testing.assert_allclose(
+            [row.norm, row.mean_abs, row.rel_change, row.frac_zero, row.max_abs],
+            [np.sqrt((d**2).sum()), np.abs(d).mean(), np.sqrt((d**2).sum()) / np.sqrt((a[row.name].double().numpy() ** 2).sum()),
+             (d == 0).mean(), np.abs(d).max()],
+            rtol=1e-12,
+        )  # fmt: skip
+
+
+def test_delta_stats_counts_exact_zeros(tmp_path):
+    pre = tiny_llama()
+    post = post_of(pre)
+    with torch.no_grad():
+        post.get_parameter("model.norm.weight").copy_(pre.get_parameter("model.norm.weight"))
+    table = deltas.delta_stats(pre, post).set_index("name")
+    assert table.loc["model.norm.weight", "frac_zero"] == 1.0 and table.loc["model.norm.weight", "norm"] == 0.0
+
+
+# --- edited checkpoints -------------------------------------------------------------------------------------
+
+CASES = [
+    ("dare", {"p": 0.5, "k": 0.3}),
+    ("drop_only", {"p": 0.4}),
+    ("bitdelta", {"bits": 1, "scale": 1.5}),
+    ("bitdelta", {"magnitudes": "uniform"}),
+    ("low_rank", {"rank": 2}),
+    ("magnitude_trim", {"keep": 0.3}),
+    ("extrapolate", {"alpha": 0.5}),
+    ("sign_biased", {"k": 0.7}),
+]
+
+
+@pytest.mark.parametrize("method,params", CASES, ids=[f"{m}-{'-'.join(map(str, p.values()))}" for m, p in CASES])
+def test_written_checkpoint_is_pre_plus_edited_delta(pair, tmp_path, method, params):
+    pre, post, _ = pair
+    out = deltas.apply_edit(pre, post, method, seed=7, out=tmp_path / "out", **params)
+    got, ref = load_tensors(out), reference_edit(pre, post, method, seed=7, **params)
+    assert got.keys() == ref.keys() and all(torch.equal(got[n], ref[n]) for n in ref)
+    # The same thing written the paper's way: W_pre + F(ΔW).
+    a, b = load_tensors(pre), load_tensors(post)
+    fn = edits.get_method(method)
+    for name in ref:
+        g = {"generator": deltas.tensor_generator(7, name)} if edits.needs_generator(method) else {}
+        paper_way = a[name].double() + fn(b[name].double() - a[name].double(), **params, **g)
+        torch.testing.assert_close(got[name].double(), paper_way, rtol=1e-6, atol=1e-7)
+    for fname in ("config.json", "generation_config.json", "tokenizer_config.json"):
+        assert (out / fname).read_bytes() == (post / fname).read_bytes()
+    record = json.loads((out / "unifieddelta_edit.json").read_text())
+    assert record["method"] == method and record["params"] == params and record["seed"] == 7
+    assert no_leftovers(tmp_path)
+
+
+@pytest.mark.parametrize("method,params", [("extrapolate", {"alpha": 0.0}), ("dare", {"p": 0.0, "k": 0.5})])
+@pytest.mark.parametrize("which", ["float32", "bf16"])
+def test_identity_edits_give_post_bit_for_bit(pair, pair_bf16, tmp_path, method, params, which):
+    pre, post = pair[:2] if which == "float32" else pair_bf16
+    out = deltas.apply_edit(pre, post, method, out=tmp_path / "out", **params)
+    got, want = load_tensors(out), load_tensors(post)
+    assert got.keys() == want.keys()
+    assert all(got[n].dtype == want[n].dtype and torch.equal(got[n], want[n]) for n in want)
+    model = deltas.apply_edit(pre, post, method, **params)
+    assert all(torch.equal(model.get_parameter(n).detach(), want[n]) for n in want)
+
+
+def test_same_seed_same_checkpoint_whatever_the_sharding_order_or_threads(pair, tmp_path):
+    pre, post, sharded = pair
+    a = load_tensors(deltas.apply_edit(pre, post, "dare", p=0.7, seed=3, out=tmp_path / "single"))
+    b = load_tensors(deltas.apply_edit(pre, sharded, "dare", p=0.7, seed=3, out=tmp_path / "sharded"))
+    assert len(list(sharded.glob("*.safetensors"))) > 1
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) == len(list(sharded.glob("*.safetensors")))
+    # Order: editing one tensor alone draws what it drew among all the others.
+    name = "model.layers.1.mlp.up_proj.weight"
+    alone = load_tensors(deltas.apply_edit(pre, post, "dare", p=0.7, seed=3, include=name, out=tmp_path / "alone"))
+    assert torch.equal(alone[name], a[name])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        c = load_tensors(deltas.apply_edit(pre, post, "dare", p=0.7, seed=3, out=tmp_path / "one-thread"))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a[n], c[n]) for n in a)
+    d = load_tensors(deltas.apply_edit(pre, post, "dare", p=0.7, seed=4, out=tmp_path / "other-seed"))
+    assert not torch.equal(a[name], d[name])
+
+
+def test_tensor_generator_depends_on_seed_and_name_only():
+    draw = lambda s, n: torch.rand(5, generator=deltas.tensor_generator(s, n))  # noqa: E731
+    assert torch.equal(draw(1, "a.weight"), draw(1, "a.weight"))
+    assert not torch.equal(draw(1, "a.weight"), draw(1, "b.weight"))
+    assert not torch.equal(draw(1, "a.weight"), draw(2, "a.weight"))
+    with pytest.raises(InvalidParameterError):
+        deltas.tensor_generator(1.5, "a")
+
+
+def test_in_memory_edit_matches_the_written_one(pair, tmp_path):
+    pre, post, _ = pair
+    written = load_tensors(deltas.apply_edit(pre, post, "dare", p=0.6, k=-0.5, seed=2, out=tmp_path / "o"))
+    from_folder = deltas.apply_edit(pre, post, "dare", p=0.6, k=-0.5, seed=2)
+    pre_m, post_m = tiny_llama(), post_of(tiny_llama())
+    before = {n: p.detach().clone() for n, p in post_m.named_parameters()}
+    from_modules = deltas.apply_edit(pre_m, post_m, "dare", p=0.6, k=-0.5, seed=2)
+    assert all(torch.equal(from_folder.get_parameter(n).detach(), written[n]) for n in written)
+    assert all(torch.equal(from_modules.get_parameter(n).detach(), written[n]) for n in written)
+    assert all(torch.equal(p, before[n]) for n, p in post_m.named_parameters())  # a copy was edited
+    same = deltas.apply_edit(pre_m, post_m, "dare", p=0.6, k=-0.5, seed=2, inplace=True)
+    assert same is post_m and torch.equal(post_m.get_parameter("lm_head.weight").detach(), written["lm_head.weight"])
+
+
+def test_direction_is_the_edit_minus_post(pair, tmp_path):
+    pre, post, _ = pair
+    written = load_tensors(deltas.apply_edit(pre, post, "low_rank", rank=0.5, out=tmp_path / "o"))
+    b = load_tensors(post)
+    direction = deltas.direction(pre, post, "low_rank", rank=0.5, include=r"layers\.0\.")
+    model = tiny_llama()
+    assert direction and set(direction) <= dict(model.named_parameters()).keys()
+    assert all(".layers.0." in n for n in direction)
+    for name, d in direction.items():
+        assert d.dtype == b[name].dtype and d.shape == b[name].shape
+        torch.testing.assert_close(b[name] + d, written[name], rtol=1e-6, atol=1e-7)
+
+
+def test_direction_of_product_biased_takes_gradients_by_name(pair):
+    pre, post, _ = pair
+    a, b = load_tensors(pre), load_tensors(post)
+    grad = {n: torch.randn(t.shape, generator=torch.Generator().manual_seed(i)) for i, (n, t) in enumerate(b.items())}
+    direction = deltas.direction(pre, post, "product_biased", k=0.5, grad=grad)
+    for name in b:
+        d = b[name].double() - a[name].double()
+        ref = (edits.product_biased(d, grad[name], 0.5) - d).float()
+        torch.testing.assert_close(direction[name], ref)
+    with pytest.raises(InvalidParameterError, match="grad"):
+        deltas.direction(pre, post, "product_biased", k=0.5)
+
+
+def test_unknown_and_missing_settings_raise(pair):
+    pre, post, _ = pair
+    with pytest.raises(InvalidParameterError, match="unknown parameter"):
+        deltas.direction(pre, post, "dare", p=0.5, q=1)
+    with pytest.raises(InvalidParameterError, match="missing parameter"):
+        deltas.direction(pre, post, "magnitude_trim")
+
+
+# --- real-checkpoint quirks ---------------------------------------------------------------------------------
+
+
+def _copy_with(src, dst, change):
+    """A copy of checkpoint ``src`` whose tensors went through ``change(dict)``."""
+    shutil.copytree(src, dst)
+    tensors = load_tensors(dst)
+    change(tensors)
+    for f in dst.glob("*.safetensors"):
+        f.unlink()
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def test_tensor_only_one_side_has_is_kept_from_post_with_a_warning(pair, tmp_path):
+    pre, post, _ = pair
+    extra = torch.arange(8, dtype=torch.float32)
+    post2 = _copy_with(post, tmp_path / "post2", lambda t: t.update({"model.rotary.extra_buffer": extra}))
+    with pytest.warns(UserWarning, match="kept from post.*extra_buffer"):
+        out = deltas.apply_edit(pre, post2, "extrapolate", alpha=0.5, out=tmp_path / "o")
+    got = load_tensors(out)
+    assert torch.equal(got["model.rotary.extra_buffer"], extra)
+    with pytest.warns(UserWarning, match="ignored, post lacks them"):
+        names = [n for n, _, _ in deltas.iter_deltas(post2, post)]
+    assert "model.rotary.extra_buffer" not in names
+
+
+def test_grown_embedding_edits_shared_rows_and_keeps_new_ones(pair, tmp_path):
+    pre, post, _ = pair
+    new_rows = torch.randn(6, 16, generator=torch.Generator().manual_seed(5))
+
+    def grow(t):
+        for name in ("model.embed_tokens.weight", "lm_head.weight"):
+            t[name] = torch.cat([t[name], new_rows])
+
+    grown = _copy_with(post, tmp_path / "grown", grow)
+    with pytest.warns(UserWarning, match="grew"):
+        got = load_tensors(deltas.apply_edit(pre, grown, "dare", p=0.5, seed=1, out=tmp_path / "o"))
+    ref = load_tensors(deltas.apply_edit(pre, post, "dare", p=0.5, seed=1, out=tmp_path / "ref"))
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert got[name].shape == (70, 16)
+        assert torch.equal(got[name][:64], ref[name]) and torch.equal(got[name][64:], new_rows)
+    with pytest.warns(UserWarning, match="grew"):
+        direction = deltas.direction(pre, grown, "dare", p=0.5, seed=1, include="embed")
+    assert direction["model.embed_tokens.weight"].shape == (70, 16)
+    assert not direction["model.embed_tokens.weight"][64:].any()
+
+
+def test_other_shape_mismatch_names_the_tensor_and_both_shapes(pair, tmp_path):
+    pre, post, _ = pair
+    name = "model.layers.0.self_attn.q_proj.weight"
+    bad = _copy_with(post, tmp_path / "bad", lambda t: t.update({name: t[name][:, :8].contiguous()}))
+    with pytest.raises(MismatchError, match=r"q_proj.*\(16, 16\).*\(16, 8\)"):
+        deltas.delta_stats(pre, bad)
+
+
+def test_non_finite_delta_raises_naming_the_tensor_and_writes_nothing(pair, tmp_path):
+    pre, post, _ = pair
+    name = "model.layers.1.mlp.down_proj.weight"
+
+    def poison(t):
+        t[name][0, 0] = float("nan")
+        t[name][1, 1] = float("inf")
+
+    bad = _copy_with(post, tmp_path / "nan", poison)
+    with pytest.raises(NonFiniteError, match=r"down_proj.*2 NaN/Inf"):
+        deltas.apply_edit(pre, bad, "dare", p=0.5, out=tmp_path / "out")
+    assert not (tmp_path / "out").exists() and no_leftovers(tmp_path)
+
+
+def test_pytorch_bin_checkpoints_are_read_and_written_as_safetensors(pair, tmp_path):
+    pre, post, _ = pair
+    binpost = tmp_path / "binpost"
+    shutil.copytree(post, binpost)
+    (binpost / "model.safetensors").unlink()
+    torch.save(load_file(post / "model.safetensors"), binpost / "pytorch_model.bin")
+    assert deltas.delta_stats(pre, binpost).equals(deltas.delta_stats(pre, post))
+    got = load_tensors(deltas.apply_edit(pre, binpost, "dare", p=0.5, out=tmp_path / "o"))
+    ref = load_tensors(deltas.apply_edit(pre, post, "dare", p=0.5, out=tmp_path / "ref"))
+    assert (tmp_path / "o" / "model.safetensors").exists()
+    assert got.keys() == ref.keys() and all(torch.equal(got[n], ref[n]) for n in ref)
+
+
+def test_save_helper_roundtrip(tmp_path):
+    folder = save(tiny_llama(layers=1), tmp_path / "m")
+    assert (folder / "model.safetensors").exists() and (folder / "tokenizer_config.json").exists()
