@@ -426,6 +426,13 @@ def _new_tensor(b_full: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _bar(total: int, desc: str, progress: bool):
+    """A progress bar over tensors that clears itself when closed (also on an error, so it never hides it)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="tensor", leave=False, disable=not progress)
+
+
 def direction(
     pre, post, method: str, *, seed: int = 0, include=None, exclude=None, preset: str = "all", grad=None,
     compute_dtype: torch.dtype = torch.float64, progress: bool = False, **params,
@@ -434,17 +441,18 @@ def direction(
 
     Rows of a grown embedding that pre lacks get D = 0. ``grad`` (a dict by name) is for ``product_biased``.
     """
-    from tqdm.auto import tqdm
-
     run = _prepare(method, params, grad)
     pre_ck, post_ck, entries = _pair(pre, post, include, exclude, preset)
     _check_ranks(method, params, post_ck, entries)
+    todo = [e for e in entries if e.kind != "keep"]
     out = {}
-    for e in tqdm([e for e in entries if e.kind != "keep"], desc=f"{method} D", unit="tensor", disable=not progress):
-        b_full, d = _edited(run, e, pre_ck, post_ck, seed, compute_dtype)
-        if d.shape != b_full.shape:  # a grown embedding: the new rows do not move
-            d = torch.cat([d, d.new_zeros((b_full.shape[0] - d.shape[0], *d.shape[1:]))])
-        out[e.name] = d.to(b_full.dtype)
+    with _bar(len(todo), f"{method} D", progress) as bar:
+        for e in todo:
+            b_full, d = _edited(run, e, pre_ck, post_ck, seed, compute_dtype)
+            if d.shape != b_full.shape:  # a grown embedding: the new rows do not move
+                d = torch.cat([d, d.new_zeros((b_full.shape[0] - d.shape[0], *d.shape[1:]))])
+            out[e.name] = d.to(b_full.dtype)
+            bar.update()
     return out
 
 
@@ -473,8 +481,6 @@ def apply_edit(
     shards are rewritten one at a time, every other file of post (config, tokenizer, generation config) copied,
     all into a temporary folder renamed to ``out`` at the end, so a failure leaves no half checkpoint.
     """
-    from tqdm.auto import tqdm
-
     if out is not None and Path(out).exists() and not overwrite:
         raise OutputExistsError(f"{out} exists (pass overwrite=True / --overwrite to replace it)")
     run = _prepare(method, params, grad)
@@ -487,8 +493,10 @@ def apply_edit(
         _check_ranks(method, params, post_ck, entries)
         todo = [e for e in entries if e.kind != "keep"]
         new = {}  # computed before any parameter changes, so an error leaves the model untouched
-        for e in tqdm(todo, desc=method, unit="tensor", disable=not progress):
-            new[e.name] = _new_tensor(*_edited(run, e, pre_ck, post_ck, seed, compute_dtype))
+        with _bar(len(todo), method, progress) as bar:
+            for e in todo:
+                new[e.name] = _new_tensor(*_edited(run, e, pre_ck, post_ck, seed, compute_dtype))
+                bar.update()
         with torch.no_grad():
             for name, t in new.items():
                 model.get_parameter(name).copy_(t)
@@ -509,12 +517,12 @@ def apply_edit(
         shards.setdefault(path, []).append(name)
     from safetensors.torch import save_file
 
-    bar = tqdm(total=sum(e.kind != "keep" for e in entries), desc=method, unit="tensor", disable=not progress)
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    total = sum(e.kind != "keep" for e in entries)
+    with _bar(total, method, progress) as bar, atomic_dir(out, overwrite=overwrite) as tmp:
         for f in sorted(post_ck.folder.iterdir()):
             if f.is_file() and not f.name.startswith(".") and not _is_weights(f.name):
                 shutil.copy2(f, tmp / f.name)
-        weight_map, total = {}, 0
+        weight_map, nbytes = {}, 0
         for path, names in shards.items():
             tensors = {}
             for name in names:
@@ -528,13 +536,12 @@ def apply_edit(
             fname = fname.replace("pytorch_model", "model")
             save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
             weight_map.update({n: fname for n in names})
-            total += sum(t.nbytes for t in tensors.values())
+            nbytes += sum(t.nbytes for t in tensors.values())
             del tensors
         if post_ck.index:
-            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            index = {"metadata": {"total_size": nbytes}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         _write_provenance(tmp, pre, post, method, seed, params, include, exclude, preset)
-    bar.close()
     post_ck.close()
     pre_ck.close()
     return Path(out)
