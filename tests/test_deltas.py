@@ -323,3 +323,18 @@ def test_pytorch_bin_checkpoints_are_read_and_written_as_safetensors(pair, tmp_p
 def test_save_helper_roundtrip(tmp_path):
     folder = save(tiny_llama(layers=1), tmp_path / "m")
     assert (folder / "model.safetensors").exists() and (folder / "tokenizer_config.json").exists()
+
+
+def test_hub_ids_resolve_through_the_hub_cache_and_fail_clearly(pair, monkeypatch):
+    import huggingface_hub
+
+    from unifieddelta.errors import CheckpointError
+
+    pre, post, _ = pair
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **kw: asked.append(repo) or str(post))
+    names = [n for n, _, _ in deltas.iter_deltas(pre, "someone/tiny-post")]
+    assert asked == ["someone/tiny-post"] and names == list(load_tensors(post))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **kw: (_ for _ in ()).throw(OSError("offline")))
+    with pytest.raises(CheckpointError, match="not a reachable hub id"):
+        deltas.delta_stats(pre, "someone/absent")

@@ -348,3 +348,9 @@ def test_registry_and_generator_needs():
 def test_parameters_out_of_range_raise(call):
     with pytest.raises(InvalidParameterError):
         call(rand(4, 3))
+
+
+def test_random_masks_do_not_depend_on_the_delta_dtype():
+    delta = rand(50, 40, seed=26).abs() + 0.1
+    masks = [edits.dare(delta.to(dt), 0.37, generator=gen(8)) == 0 for dt in DTYPES]
+    assert all(torch.equal(m, masks[0]) for m in masks)

@@ -123,7 +123,7 @@ class Checkpoint:
         handle = self._open(self.files[name])
         try:
             return handle.get_tensor(name) if hasattr(handle, "get_tensor") else handle[name]
-        except Exception as e:  # safetensors reports truncation only when it reads the data
+        except Exception as e:  # e.g. a file that changed since its header was read
             raise CheckpointError(f"{self.files[name]}: cannot read tensor {name!r} ({e})") from None
 
     def _open(self, path: Path):
@@ -414,7 +414,8 @@ def _edited(run, e: Entry, pre: Checkpoint, post: Checkpoint, seed: int, compute
     a, b_full = pre.get(e.name), post.get(e.name)
     b = b_full[: e.rows] if e.kind == "grown" else b_full
     delta = _delta(e.name, a, b, compute_dtype)
-    return b_full, run(e.name, delta, seed) - delta
+    edited = run(e.name, delta, seed)
+    return b_full, (edited.clone() if edited is delta else edited).sub_(delta)  # in place: one copy less
 
 
 def _new_tensor(b_full: torch.Tensor, d: torch.Tensor) -> torch.Tensor:

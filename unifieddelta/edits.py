@@ -68,10 +68,11 @@ def _in_range(name: str, value: float, lo: float, hi: float, *, lo_open: bool, h
     return value
 
 
-def _uniform(delta: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """U[0, 1) of delta's shape, drawn on the generator's device (so a seed means the same draw everywhere)."""
-    device = generator.device if generator is not None else delta.device
-    return torch.rand(delta.shape, generator=generator, device=device).to(delta.device)
+def _draw(sampler: Callable[..., torch.Tensor], like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """float32 ``sampler`` numbers (torch.rand, torch.randn) of like's shape on like's device, drawn on the
+    generator's device: a seed means the same numbers (and masks) whatever the delta's device or dtype."""
+    device = generator.device if generator is not None else like.device
+    return sampler(like.shape, generator=generator, device=device, dtype=torch.float32).to(like.device)
 
 
 # --- the unified operation -----------------------------------------------------------------------------------
@@ -99,7 +100,7 @@ def masked_rescale(delta: torch.Tensor, mask: torch.Tensor, p: float, k: float =
 def dare(delta: torch.Tensor, p: float, k: float = 0.0, *, generator: torch.Generator | None = None) -> torch.Tensor:
     """F(Δ) = k·Δ where M=1, (1−k·p)/(1−p)·Δ where M=0, M ~ Bernoulli(p): k=0 is DARE, k<0 flips signs."""
     p = _in_range("p", p, 0.0, 1.0, lo_open=False, hi_open=True)
-    mask = _uniform(delta, generator) < p
+    mask = _draw(torch.rand, delta, generator) < p
     return masked_rescale(delta, mask, p, k)
 
 
@@ -107,7 +108,7 @@ def drop_only(delta: torch.Tensor, p: float, *, generator: torch.Generator | Non
     """F(Δ) = (1−M)·Δ, M ~ Bernoulli(p), no rescale (the paper's Fig. 3 baseline); p in [0, 1]."""
     p = _in_range("p", p, 0.0, 1.0, lo_open=False, hi_open=False)
     work = _work(delta)
-    mask = _uniform(delta, generator) < p
+    mask = _draw(torch.rand, delta, generator) < p
     return work.masked_fill(mask, 0.0).to(delta.dtype)
 
 
@@ -138,11 +139,12 @@ def bitdelta(
     sign, mag = work.sign(), work.abs()
     if work.numel() == 0:
         return delta.clone()
-    if magnitudes == "normal":
-        z = torch.randn(work.shape, generator=generator, device=generator.device if generator is not None else work.device)
-        return (sign * mag.mean() * scale * (1.0 + z.to(work))).to(delta.dtype)
-    if magnitudes == "uniform":
-        return (sign * mag.mean() * scale * 2.0 * _uniform(work, generator).to(work)).to(delta.dtype)
+    if magnitudes != "mean":
+        noise = _draw(torch.randn if magnitudes == "normal" else torch.rand, work, generator).to(work.dtype)
+        factor = 1.0 + noise if magnitudes == "normal" else 2.0 * noise  # both have mean 1
+        return (sign * (scale * mag.mean()) * factor).to(delta.dtype)
+    if bits == 0:  # the paper's BitDelta: one magnitude per tensor, no sort needed
+        return (sign * (scale * mag.mean())).to(delta.dtype)
     n = mag.numel()
     blocks = min(2**bits, n)
     flat = mag.reshape(-1)
