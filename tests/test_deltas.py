@@ -338,3 +338,13 @@ def test_hub_ids_resolve_through_the_hub_cache_and_fail_clearly(pair, monkeypatc
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **kw: (_ for _ in ()).throw(OSError("offline")))
     with pytest.raises(CheckpointError, match="not a reachable hub id"):
         deltas.delta_stats(pre, "someone/absent")
+
+
+def test_module_post_written_with_save_pretrained(pair, tmp_path):
+    pre, post, _ = pair
+    post_m = post_of(tiny_llama())
+    out = deltas.apply_edit(pre, post_m, "magnitude_trim", keep=0.5, out=tmp_path / "o")
+    ref = deltas.apply_edit(pre, post_m, "magnitude_trim", keep=0.5)
+    got = load_tensors(out)
+    assert (out / "config.json").exists() and (out / "unifieddelta_edit.json").exists()
+    assert all(torch.equal(got[n], p.detach()) for n, p in ref.named_parameters())

@@ -36,6 +36,8 @@ from .errors import (
 
 __all__ = [
     "PRESETS",
+    "Checkpoint",
+    "plan",
     "tensor_generator",
     "open_checkpoint",
     "iter_deltas",
@@ -193,7 +195,11 @@ def _weight_files(folder: Path) -> tuple[list[Path], dict[str, Path] | None]:
 
 
 def open_checkpoint(source: str | Path | nn.Module | Checkpoint, label: str = "checkpoint") -> Checkpoint:
-    """Index one side: names, shapes and dtypes from the file headers (nothing but headers is read)."""
+    """Index one side: names, shapes and dtypes from the file headers (nothing but headers is read).
+
+    A folder gives the tensors its weights files hold; a module gives its ``named_parameters()`` (tied weights
+    once, buffers left out), the names ``approx`` and ``direction`` key by.
+    """
     if isinstance(source, Checkpoint):
         return source
     if isinstance(source, nn.Module):
