@@ -99,7 +99,14 @@ def _stats(args: argparse.Namespace) -> int:
     _warn_lines(caught)
     if args.csv:
         atomic_write_bytes(args.csv, table.to_csv(index=False).encode())
-    print(table.to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+    if table.empty:
+        print("no tensor selected")
+        return 0
+    # Names left-aligned, numbers right-aligned.
+    names = ["name", *table["name"]]
+    width = max(map(len, names))
+    body = table.drop(columns="name").to_string(index=False, float_format=lambda x: f"{x:.4g}").splitlines()
+    print("\n".join(f"{n:<{width}}  {b}" for n, b in zip(names, body)))
     return 0
 
 
