@@ -108,7 +108,7 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msg
 class Checkpoint:
     """One side of a pair: tensor names with shape and dtype known up front, tensors loaded one at a time."""
 
-    label: str
+    label: str  # the folder, or the module's class: for messages
     shapes: dict[str, tuple[int, ...]]
     dtypes: dict[str, torch.dtype | None]  # None: not floating point
     files: dict[str, Path] = field(default_factory=dict)  # name -> weights file (folders)
@@ -194,7 +194,7 @@ def _weight_files(folder: Path) -> tuple[list[Path], dict[str, Path] | None]:
     raise CheckpointError(f"{folder} is not a checkpoint folder: no *.safetensors or pytorch_model*.bin weights")
 
 
-def open_checkpoint(source: str | Path | nn.Module | Checkpoint, label: str = "checkpoint") -> Checkpoint:
+def open_checkpoint(source: str | Path | nn.Module | Checkpoint) -> Checkpoint:
     """Index one side: names, shapes and dtypes from the file headers (nothing but headers is read).
 
     A folder gives the tensors its weights files hold; a module gives its ``named_parameters()`` (tied weights
@@ -206,7 +206,7 @@ def open_checkpoint(source: str | Path | nn.Module | Checkpoint, label: str = "c
         params = dict(source.named_parameters())
         config = source.config.to_dict() if hasattr(getattr(source, "config", None), "to_dict") else {}
         return Checkpoint(
-            label=label,
+            label=f"a {type(source).__name__}",
             shapes={n: tuple(p.shape) for n, p in params.items()},
             dtypes={n: p.dtype if p.is_floating_point() else None for n, p in params.items()},
             module=source,
@@ -214,7 +214,7 @@ def open_checkpoint(source: str | Path | nn.Module | Checkpoint, label: str = "c
         )
     folder = _resolve_folder(source)
     paths, index = _weight_files(folder)
-    ck = Checkpoint(label=label, shapes={}, dtypes={}, folder=folder, index=index is not None)
+    ck = Checkpoint(label=str(folder), shapes={}, dtypes={}, folder=folder, index=index is not None)
     config_path = folder / "config.json"
     if config_path.exists():
         try:
@@ -261,9 +261,9 @@ def plan(pre: Checkpoint, post: Checkpoint, *, include=None, exclude=None, prese
     selected = _selector(include, exclude, preset)
     a, b = pre.config.get("model_type"), post.config.get("model_type")
     if a and b and a != b:
-        raise MismatchError(f"architectures do not match: pre is {a!r} ({pre.label}), post is {b!r} ({post.label})")
+        raise MismatchError(f"architectures do not match: pre {pre.label} is {a!r}, post {post.label} is {b!r}")
     if not set(pre.shapes) & set(post.shapes):
-        raise MismatchError(f"pre ({pre.label}) and post ({post.label}) have no tensor name in common")
+        raise MismatchError(f"pre {pre.label} and post {post.label} have no tensor name in common")
     entries, post_only, grown = [], [], []
     for name, shape in post.shapes.items():
         if name not in pre.shapes:
@@ -297,7 +297,7 @@ def plan(pre: Checkpoint, post: Checkpoint, *, include=None, exclude=None, prese
 
 
 def _pair(pre, post, include, exclude, preset) -> tuple[Checkpoint, Checkpoint, list[Entry]]:
-    pre_ck, post_ck = open_checkpoint(pre, "pre"), open_checkpoint(post, "post")
+    pre_ck, post_ck = open_checkpoint(pre), open_checkpoint(post)
     return pre_ck, post_ck, plan(pre_ck, post_ck, include=include, exclude=exclude, preset=preset)
 
 
@@ -489,7 +489,7 @@ def apply_edit(
     all into a temporary folder renamed to ``out`` at the end, so a failure leaves no half checkpoint.
     """
     if out is not None and Path(out).exists() and not overwrite:
-        raise OutputExistsError(f"{out} exists (pass overwrite=True / --overwrite to replace it)")
+        raise OutputExistsError(f"{out} exists (overwrite it with --overwrite, or overwrite=True)")
     run = _prepare(method, params, grad)
     if out is None or isinstance(post, nn.Module):
         if isinstance(post, nn.Module):
