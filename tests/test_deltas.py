@@ -156,6 +156,9 @@ def test_identity_edits_give_post_bit_for_bit(pair, pair_bf16, tmp_path, method,
     assert all(got[n].dtype == want[n].dtype and torch.equal(got[n], want[n]) for n in want)
     model = deltas.apply_edit(pre, post, method, **params)
     assert all(torch.equal(model.get_parameter(n).detach(), want[n]) for n in want)
+    # D = 0 exactly, so a float32 computation (half the memory) is exact too.
+    model = deltas.apply_edit(pre, post, method, compute_dtype=torch.float32, **params)
+    assert all(torch.equal(model.get_parameter(n).detach(), want[n]) for n in want)
 
 
 def test_same_seed_same_checkpoint_whatever_the_sharding_order_or_threads(pair, tmp_path):

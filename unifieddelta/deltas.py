@@ -425,11 +425,14 @@ def _edited(run, e: Entry, pre: Checkpoint, post: Checkpoint, seed: int, compute
 
 
 def _new_tensor(b_full: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """W_post + D, rounded once to post's dtype; rows beyond D's (new tokens of a grown embedding) kept from post."""
+    """W_post + D, rounded once to post's dtype; rows beyond D's (new tokens of a grown embedding) kept from post.
+
+    ``d`` is consumed (added to in place) to spare one full-precision copy of the tensor.
+    """
     if d.shape == b_full.shape:
-        return (b_full.to(d.dtype) + d).to(b_full.dtype)
+        return d.add_(b_full.to(d.dtype)).to(b_full.dtype)
     out = b_full.clone()
-    out[: d.shape[0]] = (b_full[: d.shape[0]].to(d.dtype) + d).to(b_full.dtype)
+    out[: d.shape[0]] = d.add_(b_full[: d.shape[0]].to(d.dtype)).to(b_full.dtype)
     return out
 
 
