@@ -121,6 +121,46 @@ def _add_stats(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_stats)
 
 
+def _zoo_build(args: argparse.Namespace) -> int:
+    import time
+
+    from tqdm.auto import tqdm
+
+    from . import zoo
+
+    names = args.names or (zoo.names() if args.widths else zoo.default_names())
+    for name in names:
+        zoo.recipe_for(name)  # fail on an unknown name before training anything
+    bar = tqdm(names, desc="zoo build", unit="pair")
+    for name in bar:
+        bar.set_postfix_str(name)
+        start = time.perf_counter()
+        pre, post = zoo.load_pair(name, progress=True)
+        bar.write(f"{name}: {time.perf_counter() - start:.1f} s  pre={pre}  post={post}")
+    return 0
+
+
+def _zoo_list(args: argparse.Namespace) -> int:
+    from . import zoo
+
+    for name in zoo.names():
+        d = zoo.describe(name)
+        metrics = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in d["metrics"].items())
+        print(f"{name:22s} {'built' if d['built'] else 'not built':10s} {d['post'] if d['built'] else ''} {metrics}")
+    return 0
+
+
+def _add_zoo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("zoo", help="the embedded default model pairs (tiny LM, tiny ViT)")
+    zsub = p.add_subparsers(dest="zoo_command", required=True)
+    b = zsub.add_parser("build", help="train and cache the pairs (the default ones unless named)")
+    b.add_argument("names", nargs="*", metavar="NAME", help="pairs to build, e.g. tiny-lm tiny-vit/rot90")
+    b.add_argument("--widths", action="store_true", help="also build the LM width family (tiny-lm/<width>)")
+    b.set_defaults(func=_zoo_build)
+    ls = zsub.add_parser("list", help="list the pairs, whether they are built, and their metrics")
+    ls.set_defaults(func=_zoo_list)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unifieddelta", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -128,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_book(sub)
     _add_edit(sub)
     _add_stats(sub)
+    _add_zoo(sub)
     return parser
 
 

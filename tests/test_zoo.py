@@ -1,0 +1,131 @@
+"""The zoo's machinery on tiny recipes (seconds): pipeline end to end, cache hits, corruption, bad names."""
+
+import os
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from unifieddelta import zoo
+from unifieddelta.cli import main
+from unifieddelta.errors import InvalidParameterError
+from unifieddelta.zoo import LMRecipe, ViTRecipe, load_pair
+
+TINY_LM = LMRecipe(width=32, layers=2, heads=2, seq_len=64, pre_docs=300, pre_steps=20, pre_batch=8,
+                   sft_examples=120, sft_steps=10, sft_batch=8, dpo_pairs=32, dpo_steps=4, dpo_batch=8)
+TINY_VIT = ViTRecipe(width=16, layers=1, heads=2, pre_steps=10, pre_batch=32, ft_steps=5, ft_batch=32)
+
+
+def _weights(folder):
+    # Cloned: safetensors maps the file, and the corruption test truncates it in place.
+    return {k: v.clone() for k, v in load_file(str(folder / "model.safetensors")).items()}
+
+
+def test_lm_pipeline_end_to_end_then_cache_hit():
+    pre, sft = load_pair("tiny-lm", recipe=TINY_LM)
+    sft2, dpo = load_pair("tiny-lm-dpo", recipe=TINY_LM)
+    assert sft2 == sft  # the DPO pair starts where the SFT pair ends
+    for folder in (pre, sft, dpo):
+        assert (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file()
+    w_pre, w_sft, w_dpo = _weights(pre), _weights(sft), _weights(dpo)
+    assert w_pre.keys() == w_sft.keys() == w_dpo.keys()
+    assert any(not torch.equal(w_pre[k], w_sft[k]) for k in w_pre)
+    assert any(not torch.equal(w_sft[k], w_dpo[k]) for k in w_sft)
+
+    start = time.perf_counter()
+    assert load_pair("tiny-lm-dpo", recipe=TINY_LM) == (sft, dpo)
+    assert time.perf_counter() - start < 5.0
+
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(dpo)
+    tok = AutoTokenizer.from_pretrained(dpo)
+    ids = tok("Question: What is 12 + 7?\nAnswer: 19", return_tensors="pt")["input_ids"]
+    assert torch.isfinite(model(ids).logits).all()
+    assert tok.decode(ids[0]) == "Question: What is 12 + 7?\nAnswer: 19"
+
+
+def test_pretraining_is_deterministic_for_a_seed(tmp_path, monkeypatch):
+    from unifieddelta.zoo import lm
+
+    recipe = LMRecipe(width=16, layers=1, heads=2, seq_len=32, pre_docs=100, pre_steps=5, pre_batch=4)
+    first = _weights(lm.build(recipe, "pre"))
+    monkeypatch.setenv("UNIFIEDDELTA_CACHE", str(tmp_path))
+    second_dir = lm.build(recipe, "pre")
+    assert str(second_dir).startswith(str(tmp_path))
+    second = _weights(second_dir)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_recipe_change_rebuilds_only_later_stages():
+    gentler = LMRecipe(**{**TINY_LM.__dict__, "sft_lr": TINY_LM.sft_lr / 2})
+    assert gentler.key("pre") == TINY_LM.key("pre")
+    assert gentler.key("sft") != TINY_LM.key("sft")
+    assert gentler.key("dpo") != TINY_LM.key("dpo")
+    assert LMRecipe(**{**TINY_LM.__dict__, "dpo_beta": 0.5}).key("sft") == TINY_LM.key("sft")
+
+
+def test_corrupted_entry_is_detected_and_rebuilt():
+    pre, sft = load_pair("tiny-lm", recipe=TINY_LM)
+    good = _weights(sft)
+    target = sft / "model.safetensors"
+    target.write_bytes(target.read_bytes()[:100])  # truncated, as after a crash or a full disk
+    with pytest.warns(RuntimeWarning, match="corrupted"):
+        pre2, sft2 = load_pair("tiny-lm", recipe=TINY_LM)
+    assert (pre2, sft2) == (pre, sft)
+    rebuilt = _weights(sft2)
+    assert all(torch.equal(good[k], rebuilt[k]) for k in good)
+
+
+def test_vit_pair_end_to_end():
+    from transformers import ViTForImageClassification
+
+    from unifieddelta.evaluate import evaluate_vision
+
+    pre, post = load_pair("tiny-vit/rot90", recipe=TINY_VIT)
+    m_pre = ViTForImageClassification.from_pretrained(pre)
+    m_post = ViTForImageClassification.from_pretrained(post)
+    assert m_pre.state_dict().keys() == m_post.state_dict().keys()
+    for m in (m_pre, m_post):
+        acc = evaluate_vision(m, "rot90")
+        assert 0.0 <= acc <= 1.0
+    assert load_pair("tiny-vit/rot90", recipe=TINY_VIT) == (pre, post)
+    with pytest.raises(InvalidParameterError, match="unknown vision task"):
+        evaluate_vision(m_post, "rot45")
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt", "tiny-lm/7", "tiny-lm/wide", "tiny-vit/rot45", "tiny-vit", ""])
+def test_unknown_names_are_clear_errors(name):
+    with pytest.raises(InvalidParameterError, match="unknown"):
+        load_pair(name)
+
+
+def test_wrong_recipe_kind_is_an_error():
+    with pytest.raises(InvalidParameterError, match="ViTRecipe"):
+        load_pair("tiny-vit/rot90", recipe=TINY_LM)
+
+
+def test_names_and_cli(capsys):
+    assert {"tiny-lm", "tiny-lm-dpo"} <= set(zoo.names())
+    assert sum(n.startswith("tiny-vit/") for n in zoo.names()) >= 4
+    assert main(["zoo", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny-lm-dpo" in out and "tiny-vit/rot90" in out
+    assert main(["zoo", "build", "tiny-nothing"]) == 2
+    assert "unknown zoo name" in capsys.readouterr().err
+
+
+def test_no_stray_files_after_a_failed_build(monkeypatch):
+    from unifieddelta.cache import cache_dir
+    from unifieddelta.zoo import lm
+
+    recipe = LMRecipe(width=16, layers=1, heads=2, seq_len=32, pre_docs=50, pre_steps=1, pre_batch=4, seed=99)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(lm, "_pretrain", boom)
+    with pytest.raises(RuntimeError):
+        lm.build(recipe, "pre")
+    assert not [p for p in os.listdir(cache_dir("zoo")) if recipe.key("pre") in p]

@@ -1,0 +1,94 @@
+"""The embedded default model pairs, trained here on first use and cached by a hash of their recipe.
+
+Names: ``tiny-lm`` (pre-trained → SFT at the default width), ``tiny-lm/<width>`` (the same recipe at another
+width), ``tiny-lm-dpo`` (SFT → DPO) and ``tiny-vit/<task>`` (pre-trained backbone with a linear head → the
+fine-tune on that task). ``load_pair(name)`` returns the two checkpoint folders, ready for ``from_pretrained``
+or for ``unifieddelta edit --pre … --post …``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from ..errors import InvalidParameterError
+from . import lm, vit
+from .recipes import LMRecipe, ViTRecipe
+from .store import read_manifest
+
+#: Default LM recipe per width. Narrower models are cheaper per step, so they get more steps for equal quality.
+LM_WIDTHS: dict[int, LMRecipe] = {
+    64: LMRecipe(width=64, heads=2, pre_steps=1200),
+    128: LMRecipe(width=128, heads=4),
+    256: LMRecipe(width=256, heads=4, pre_lr=1.5e-3),
+}
+DEFAULT_WIDTH = 128
+VIT = ViTRecipe()
+
+
+def names(*, widths: bool = True) -> list[str]:
+    """Every name ``load_pair`` knows; the default pairs first."""
+    out = ["tiny-lm", "tiny-lm-dpo"] + [f"tiny-vit/{t}" for t in vit.TASKS]
+    if widths:
+        out += [f"tiny-lm/{w}" for w in LM_WIDTHS]
+    return out
+
+
+def default_names() -> list[str]:
+    """The pairs the book's default profile needs (what ``zoo build`` builds without ``--widths``)."""
+    return names(widths=False)
+
+
+def recipe_for(name: str) -> LMRecipe | ViTRecipe:
+    """The default recipe behind a name; raises ``InvalidParameterError`` for an unknown name."""
+    if name in ("tiny-lm", "tiny-lm-dpo"):
+        return LM_WIDTHS[DEFAULT_WIDTH]
+    kind, _, arg = name.partition("/")
+    if kind == "tiny-lm" and arg:
+        try:
+            return LM_WIDTHS[int(arg)]
+        except (ValueError, KeyError):
+            raise InvalidParameterError(
+                f"unknown width {arg!r} in {name!r}; widths: {', '.join(map(str, LM_WIDTHS))}") from None
+    if kind == "tiny-vit" and arg in vit.TASKS:
+        return VIT
+    raise InvalidParameterError(f"unknown zoo name {name!r}; known: {', '.join(names())}")
+
+
+def load_pair(name: str, *, recipe: LMRecipe | ViTRecipe | None = None, progress: bool = False) -> tuple[Path, Path]:
+    """``(pre_dir, post_dir)`` of a zoo pair, trained on first use and then read from the cache.
+
+    ``recipe`` replaces the default recipe (same kind), e.g. a tiny one for tests or a gentler post-training.
+    """
+    default = recipe_for(name)
+    recipe = recipe or default
+    if type(recipe) is not type(default):
+        raise InvalidParameterError(f"{name!r} needs a {type(default).__name__}, got {type(recipe).__name__}")
+    if isinstance(recipe, ViTRecipe):
+        return vit.build(recipe, name.partition("/")[2], progress=progress)
+    if name == "tiny-lm-dpo":
+        return lm.build(recipe, "sft", progress=progress), lm.build(recipe, "dpo", progress=progress)
+    return lm.build(recipe, "pre", progress=progress), lm.build(recipe, "sft", progress=progress)
+
+
+def describe(name: str, *, recipe: LMRecipe | ViTRecipe | None = None) -> dict:
+    """What the cache holds for a name, without building: ``{name, built, pre, post, metrics}``."""
+    recipe = recipe or recipe_for(name)
+    if isinstance(recipe, ViTRecipe):
+        from .store import entry_path
+
+        entry = entry_path("vit-task", recipe.key("task", name.partition("/")[2]))
+        manifest = read_manifest(entry)
+        return {"name": name, "built": manifest is not None, "pre": entry / "pre", "post": entry / "post",
+                "metrics": (manifest or {}).get("metrics", {}), "recipe": dataclasses.asdict(recipe)}
+    from .store import entry_path
+
+    stages = ("sft", "dpo") if name == "tiny-lm-dpo" else ("pre", "sft")
+    paths = [entry_path(f"lm-{s}", recipe.key(s)) for s in stages]
+    manifests = [read_manifest(p) for p in paths]
+    return {"name": name, "built": all(m is not None for m in manifests), "pre": paths[0], "post": paths[1],
+            "metrics": (manifests[1] or {}).get("metrics", {}), "recipe": dataclasses.asdict(recipe)}
+
+
+__all__ = ["LMRecipe", "ViTRecipe", "load_pair", "names", "default_names", "recipe_for", "describe",
+           "LM_WIDTHS", "DEFAULT_WIDTH"]

@@ -1,0 +1,179 @@
+"""The tiny language-model chain: own BPE tokenizer, pre-training on statements, SFT on questions, DPO.
+
+Every stage uses the ecosystem's trainers (transformers' ``Trainer``, TRL's ``DPOTrainer``) and ends in
+``save_pretrained`` of model and tokenizer, so the pairs are ordinary Hugging Face checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..tasks import generate
+from .recipes import LMRecipe
+from .store import build_entry
+
+SPECIAL = {"pad_token": "<pad>", "eos_token": "</s>", "bos_token": "<s>", "unk_token": "<unk>"}
+
+
+def train_tokenizer(texts: list[str], vocab_size: int):
+    """A byte-level BPE tokenizer trained on ``texts``, digits always split one per token (so numbers are
+    spelled digit by digit, which is what lets a tiny model learn arithmetic), as a ``PreTrainedTokenizerFast``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL.values()),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL)
+
+
+def new_model(recipe: LMRecipe, tokenizer):
+    """A freshly initialised ``LlamaForCausalLM`` of the recipe's width (seeded)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(recipe.seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=recipe.width, num_hidden_layers=recipe.layers,
+        num_attention_heads=recipe.heads, num_key_value_heads=recipe.heads,
+        intermediate_size=int(8 * recipe.width / 3 + 7) // 8 * 8, max_position_embeddings=2 * recipe.seq_len,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config)
+
+
+def _args(recipe: LMRecipe, out: str, steps: int, batch: int, lr: float, progress: bool, **extra) -> dict:
+    """Trainer arguments shared by the stages: CPU, seeded, no checkpoints or reports, cosine schedule."""
+    args = dict(output_dir=out, max_steps=steps, per_device_train_batch_size=batch, learning_rate=lr,
+                lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20), weight_decay=0.0,
+                seed=recipe.seed, data_seed=recipe.seed, use_cpu=True, report_to="none", save_strategy="no",
+                logging_steps=max(1, steps // 10), disable_tqdm=not progress, dataloader_num_workers=0)
+    return {**args, **extra}
+
+
+def _quiet(trainer, progress: bool):
+    """Keep the Trainer's progress bar (when asked) but not its per-log printing: library code does not print."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    class _Bar(ProgressCallback):
+        def on_log(self, *args, **kwargs):
+            pass
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    if progress:
+        trainer.add_callback(_Bar)
+    return trainer
+
+
+def _final_loss(trainer) -> float:
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return float(losses[-1]) if losses else math.nan
+
+
+def _pretrain(recipe: LMRecipe, out: Path, progress: bool) -> dict:
+    """Train the tokenizer and the base model on statements; causal-LM loss on every token."""
+    from transformers import Trainer, TrainingArguments, set_seed
+
+    set_seed(recipe.seed)
+    docs = generate.pretraining_texts(recipe.pre_docs, seed=recipe.seed, n_test=recipe.n_test)
+    tokenizer = train_tokenizer(docs, recipe.vocab_size)
+    model = new_model(recipe, tokenizer)
+    # Concatenate the documents (each closed by EOS) and cut the stream into equal blocks.
+    stream = [t for d in docs for t in tokenizer(d)["input_ids"] + [tokenizer.eos_token_id]]
+    n = len(stream) // recipe.seq_len
+    blocks = torch.tensor(stream[: n * recipe.seq_len]).view(n, recipe.seq_len)
+    data = [{"input_ids": b, "labels": b} for b in blocks]
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(model=model, train_dataset=data,
+                          args=TrainingArguments(**_args(recipe, tmp, recipe.pre_steps, recipe.pre_batch,
+                                                         recipe.pre_lr, progress, weight_decay=0.01)))
+        _quiet(trainer, progress).train()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return {"train_loss": _final_loss(trainer), "parameters": sum(p.numel() for p in model.parameters()),
+            "tokens_seen": recipe.pre_steps * recipe.pre_batch * recipe.seq_len}
+
+
+def _sft_collate(tokenizer):
+    """Pad a batch of ``{input_ids, prompt_len}``; labels are -100 on the prompt and the padding."""
+    def collate(batch):
+        length = max(len(b["input_ids"]) for b in batch)
+        ids = torch.full((len(batch), length), tokenizer.pad_token_id)
+        labels = torch.full((len(batch), length), -100)
+        mask = torch.zeros((len(batch), length), dtype=torch.long)
+        for i, b in enumerate(batch):
+            n = len(b["input_ids"])
+            ids[i, :n] = torch.tensor(b["input_ids"])
+            labels[i, b["prompt_len"]:n] = ids[i, b["prompt_len"]:n]
+            mask[i, :n] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return collate
+
+
+def _sft(recipe: LMRecipe, parent: Path, out: Path, progress: bool) -> dict:
+    """Supervised fine-tuning on ``Question: … Answer: …``; loss on the answer and the closing EOS only."""
+    from transformers import AutoTokenizer, LlamaForCausalLM, Trainer, TrainingArguments, set_seed
+
+    set_seed(recipe.seed)
+    tokenizer = AutoTokenizer.from_pretrained(parent)
+    model = LlamaForCausalLM.from_pretrained(parent)
+    data = []
+    for ex in generate.sft_examples(recipe.sft_examples, seed=recipe.seed, n_test=recipe.n_test):
+        p = tokenizer(ex["prompt"])["input_ids"]
+        c = tokenizer(ex["completion"])["input_ids"] + [tokenizer.eos_token_id]
+        data.append({"input_ids": p + c, "prompt_len": len(p)})
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(model=model, train_dataset=data, data_collator=_sft_collate(tokenizer),
+                          args=TrainingArguments(**_args(recipe, tmp, recipe.sft_steps, recipe.sft_batch,
+                                                         recipe.sft_lr, progress, remove_unused_columns=False)))
+        _quiet(trainer, progress).train()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return {"train_loss": _final_loss(trainer)}
+
+
+def _dpo(recipe: LMRecipe, parent: Path, out: Path, progress: bool) -> dict:
+    """DPO from the SFT model (also the frozen reference) on right vs plausible-wrong answers, with TRL."""
+    import datasets
+    from transformers import AutoTokenizer, LlamaForCausalLM, set_seed
+    from trl import DPOConfig, DPOTrainer
+
+    set_seed(recipe.seed)
+    tokenizer = AutoTokenizer.from_pretrained(parent)
+    model = LlamaForCausalLM.from_pretrained(parent)
+    pairs = generate.preference_pairs(recipe.dpo_pairs, seed=recipe.seed, n_test=recipe.n_test)
+    logging.getLogger("datasets").setLevel(logging.ERROR)
+    with tempfile.TemporaryDirectory() as tmp:
+        args = DPOConfig(**_args(recipe, tmp, recipe.dpo_steps, recipe.dpo_batch, recipe.dpo_lr, progress),
+                         beta=recipe.dpo_beta, max_length=recipe.seq_len)
+        trainer = DPOTrainer(model=model, args=args, processing_class=tokenizer,
+                             train_dataset=datasets.Dataset.from_list(pairs))
+        _quiet(trainer, progress).train()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return {"train_loss": _final_loss(trainer)}
+
+
+def build(recipe: LMRecipe, stage: str, *, progress: bool = False) -> Path:
+    """The cached checkpoint of ``stage`` (``pre``, ``sft`` or ``dpo``), building it and its parents if needed."""
+    info = {"recipe": dataclasses.asdict(recipe), "stage": stage}
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if stage == "pre":
+        return build_entry("lm-pre", recipe.key("pre"), lambda out: _pretrain(recipe, out, progress), info=info)
+    parent = build(recipe, {"sft": "pre", "dpo": "sft"}[stage], progress=progress)
+    step = _sft if stage == "sft" else _dpo
+    return build_entry(f"lm-{stage}", recipe.key(stage), lambda out: step(recipe, parent, out, progress), info=info)

@@ -1,0 +1,87 @@
+"""Recipes: everything that determines a zoo checkpoint, as small frozen dataclasses hashed into its cache key.
+
+Each training stage hashes only the fields it depends on (plus its parent's key), so changing the DPO learning
+rate rebuilds the DPO model and nothing before it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from ..cache import stable_hash
+
+
+def _fields(recipe, prefixes: tuple[str, ...], exclude: tuple[str, ...] = ()) -> dict:
+    """The recipe's fields whose names start with one of ``prefixes`` (``""`` matches all), minus ``exclude``."""
+    return {k: v for k, v in dataclasses.asdict(recipe).items()
+            if k.startswith(prefixes) and not k.startswith(exclude)}
+
+
+@dataclass(frozen=True)
+class LMRecipe:
+    """A tiny ``LlamaForCausalLM``: its size, its tokenizer, and its three training stages (pre → SFT → DPO).
+
+    Post-training is gentle on purpose (low learning rates, few steps), so that ‖ΔW‖/‖W_pre‖ stays small as in
+    real post-training; the pre-training has to be long enough for the base model to know the facts.
+    """
+
+    width: int = 128
+    layers: int = 4
+    heads: int = 4
+    vocab_size: int = 512
+    seq_len: int = 96
+    seed: int = 0
+    n_test: int = 100
+    # pre-training on statements (causal LM loss on every token)
+    pre_docs: int = 20000
+    pre_steps: int = 1500
+    pre_batch: int = 32
+    pre_lr: float = 3e-3
+    # supervised fine-tuning on question -> answer (loss on the answer only)
+    sft_examples: int = 6000
+    sft_steps: int = 200
+    sft_batch: int = 32
+    sft_lr: float = 3e-4
+    # DPO from the SFT model on (right, plausible wrong) answers
+    dpo_pairs: int = 2000
+    dpo_steps: int = 60
+    dpo_batch: int = 16
+    dpo_lr: float = 2e-5
+    dpo_beta: float = 0.1
+
+    def key(self, stage: str) -> str:
+        """Cache key of a stage (``pre``, ``sft``, ``dpo``): a hash of the fields that stage depends on."""
+        from ..tasks.generate import DATA_VERSION
+
+        stages = ("pre", "sft", "dpo")
+        if stage not in stages:
+            raise ValueError(f"unknown stage {stage!r}")
+        later = stages[stages.index(stage) + 1:]
+        return stable_hash("tiny-lm", stage, DATA_VERSION, _fields(self, ("",), tuple(f"{s}_" for s in later)))
+
+
+@dataclass(frozen=True)
+class ViTRecipe:
+    """A tiny ``ViTForImageClassification`` on upscaled 8x8 digits: a pre-trained backbone, then per task a
+    linear probe (the pre checkpoint: frozen backbone, freshly trained head) and a gentle full fine-tune."""
+
+    image_size: int = 16
+    patch_size: int = 4
+    width: int = 64
+    layers: int = 4
+    heads: int = 4
+    seed: int = 0
+    pre_steps: int = 1500
+    pre_batch: int = 64
+    pre_lr: float = 2e-3
+    probe_c: float = 1.0
+    ft_steps: int = 200
+    ft_batch: int = 64
+    ft_lr: float = 2e-4
+
+    def key(self, stage: str, task: str | None = None) -> str:
+        """Cache key of the backbone (``pre``) or of one task's pair (``task``)."""
+        if stage == "pre":
+            return stable_hash("tiny-vit", "pre", _fields(self, ("",), ("probe_", "ft_")))
+        return stable_hash("tiny-vit", "task", task, _fields(self, ("",)))
