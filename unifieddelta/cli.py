@@ -95,7 +95,8 @@ def _stats(args: argparse.Namespace) -> int:
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        table = delta_stats(args.pre, args.post, include=args.include, exclude=args.exclude, preset=args.preset)
+        table = delta_stats(args.pre, args.post, include=args.include, exclude=args.exclude, preset=args.preset,
+                            progress=True)  # fmt: skip
     _warn_lines(caught)
     if args.csv:
         atomic_write_bytes(args.csv, table.to_csv(index=False).encode())

@@ -316,6 +316,13 @@ def _delta(name: str, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype = tor
     return d
 
 
+def _bar(total: int, desc: str, progress: bool):
+    """A progress bar over tensors that clears itself when closed (also on an error, so it never hides it)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="tensor", leave=False, disable=not progress)
+
+
 def iter_deltas(pre, post, *, include=None, exclude=None, preset: str = "all") -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:  # fmt: skip
     """Yield ``(name, pre_tensor, post_tensor)`` for each selected tensor, one at a time, in post's order.
 
@@ -327,32 +334,38 @@ def iter_deltas(pre, post, *, include=None, exclude=None, preset: str = "all") -
             yield (e.name, *_load_pair(pre_ck, post_ck, e))
 
 
-def delta_stats(pre, post, *, include=None, exclude=None, preset: str = "all"):
+def delta_stats(pre, post, *, include=None, exclude=None, preset: str = "all", progress: bool = False):
     """A tidy table, one row per selected tensor: name, shape, numel, norm, mean_abs, rel_change, frac_zero, max_abs.
 
     ``norm`` is ‖Δ‖ (Frobenius), ``rel_change`` is ‖Δ‖/‖W_pre‖, ``frac_zero`` the fraction of exact zeros of Δ.
     """
     import pandas as pd
 
+    pre_ck, post_ck, entries = _pair(pre, post, include, exclude, preset)
+    todo = [e for e in entries if e.kind != "keep"]
     rows = []
-    for name, a, b in iter_deltas(pre, post, include=include, exclude=exclude, preset=preset):
-        d = _delta(name, a, b)
-        norm, pre_norm = float(torch.linalg.vector_norm(d)), float(torch.linalg.vector_norm(a.to(torch.float64)))
-        n = d.numel()
-        rows.append(
-            {
-                "name": name,
-                "shape": tuple(d.shape),
-                "numel": n,
-                "norm": norm,
-                "mean_abs": float(d.abs().mean()) if n else 0.0,
-                "rel_change": norm / pre_norm if pre_norm else (0.0 if norm == 0 else float("inf")),
-                "frac_zero": float((d == 0).sum()) / n if n else 0.0,
-                "max_abs": float(d.abs().max()) if n else 0.0,
-            }
-        )
+    with _bar(len(todo), "stats", progress) as bar:
+        for e in todo:
+            rows.append(_stats_row(e.name, *_load_pair(pre_ck, post_ck, e)))
+            bar.update()
     columns = ["name", "shape", "numel", "norm", "mean_abs", "rel_change", "frac_zero", "max_abs"]
     return pd.DataFrame(rows, columns=columns)
+
+
+def _stats_row(name: str, a: torch.Tensor, b: torch.Tensor) -> dict[str, Any]:
+    d = _delta(name, a, b)
+    norm, pre_norm = float(torch.linalg.vector_norm(d)), float(torch.linalg.vector_norm(a.to(torch.float64)))
+    n = d.numel()
+    return {
+        "name": name,
+        "shape": tuple(d.shape),
+        "numel": n,
+        "norm": norm,
+        "mean_abs": float(d.abs().mean()) if n else 0.0,
+        "rel_change": norm / pre_norm if pre_norm else (0.0 if norm == 0 else float("inf")),
+        "frac_zero": float((d == 0).sum()) / n if n else 0.0,
+        "max_abs": float(d.abs().max()) if n else 0.0,
+    }
 
 
 # --- editing -------------------------------------------------------------------------------------------------
@@ -434,13 +447,6 @@ def _new_tensor(b_full: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     out = b_full.clone()
     out[: d.shape[0]] = d.add_(b_full[: d.shape[0]].to(d.dtype)).to(b_full.dtype)
     return out
-
-
-def _bar(total: int, desc: str, progress: bool):
-    """A progress bar over tensors that clears itself when closed (also on an error, so it never hides it)."""
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="tensor", leave=False, disable=not progress)
 
 
 def direction(
