@@ -351,3 +351,14 @@ def test_module_post_written_with_save_pretrained(pair, tmp_path):
     got = load_tensors(out)
     assert (out / "config.json").exists() and (out / "unifieddelta_edit.json").exists()
     assert all(torch.equal(got[n], p.detach()) for n, p in ref.named_parameters())
+
+
+def test_sharded_checkpoint_missing_a_listed_shard_is_refused(pair, tmp_path):
+    from unifieddelta.errors import CheckpointError
+
+    pre, _, sharded = pair
+    broken = shutil.copytree(sharded, tmp_path / "broken")
+    victim = sorted(broken.glob("*.safetensors"))[1]
+    victim.unlink()
+    with pytest.raises(CheckpointError, match=f"shard {victim.name} listed in model.safetensors.index.json is missing"):
+        deltas.delta_stats(pre, broken)
