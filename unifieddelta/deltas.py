@@ -14,8 +14,10 @@ import copy
 import hashlib
 import inspect
 import json
+import math
 import re
 import shutil
+import struct
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,6 +103,13 @@ _ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "F8_E4M3": getattr(torch, "float8_e4m3fn", None), "F8_E5M2": getattr(torch, "float8_e5m2", None),
 }  # fmt: skip
+#: Every dtype a safetensors header names (floating or not), for reading and writing raw bytes.
+_ST_STORED = {
+    **{k: v for k, v in _ST_DTYPES.items() if v is not None}, "I64": torch.int64, "I32": torch.int32,
+    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool, "U16": torch.uint16,
+    "U32": torch.uint32, "U64": torch.uint64,
+}  # fmt: skip
+_ST_NAMES = {v: k for k, v in _ST_STORED.items()}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 
 
@@ -116,17 +125,35 @@ class Checkpoint:
     index: bool = False  # the folder has a ``*.index.json`` weight map
     module: nn.Module | None = None
     config: dict[str, Any] = field(default_factory=dict)
+    spans: dict[str, tuple[int, int, torch.dtype]] = field(default_factory=dict)  # safetensors: byte range, dtype
     _handles: dict[Path, Any] = field(default_factory=dict, repr=False)
 
     def get(self, name: str) -> torch.Tensor:
         """The tensor called ``name``, as stored (a fresh CPU tensor for folders, the live one for modules)."""
         if self.module is not None:
             return self.module.get_parameter(name).detach()
+        if name in self.spans:
+            return self._read(name)
         handle = self._open(self.files[name])
         try:
             return handle.get_tensor(name) if hasattr(handle, "get_tensor") else handle[name]
         except Exception as e:  # e.g. a file that changed since its header was read
             raise CheckpointError(f"{self.files[name]}: cannot read tensor {name!r} ({e})") from None
+
+    def _read(self, name: str) -> torch.Tensor:
+        """A safetensors tensor read with plain file reads, not through a memory map: pages of the file stay
+        in the OS cache instead of counting in this process's resident memory."""
+        start, end, dtype = self.spans[name]
+        raw = torch.empty(end - start, dtype=torch.uint8)
+        try:
+            with open(self.files[name], "rb") as f:
+                f.seek(start)
+                got = f.readinto(memoryview(raw.numpy()))
+        except OSError as e:
+            raise CheckpointError(f"{self.files[name]}: cannot read tensor {name!r} ({e})") from None
+        if got != raw.numel():  # e.g. a file that changed since its header was read
+            raise CheckpointError(f"{self.files[name]}: cannot read tensor {name!r} (truncated file)")
+        return raw.view(dtype).reshape(self.shapes[name])
 
     def _open(self, path: Path):
         if path not in self._handles:
@@ -149,6 +176,42 @@ def _open_weights(path: Path):
         raise
     except Exception as e:
         raise CheckpointError(f"{path}: corrupt or truncated weights file ({type(e).__name__}: {e})") from None
+
+
+def _safetensors_spans(path: Path, names: list[str]) -> dict[str, tuple[int, int, torch.dtype]]:
+    """name -> (first byte, end byte, dtype) in the file, from its header (already checked by safe_open)."""
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    base = 8 + size
+    spans = {}
+    for name in names:
+        info = header[name]
+        if info["dtype"] in _ST_STORED:
+            start, end = info["data_offsets"]
+            spans[name] = (base + start, base + end, _ST_STORED[info["dtype"]])
+    return spans  # tensors of other dtypes are read through safe_open
+
+
+def _write_safetensors(path: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]], tensors, metadata) -> int:
+    """Write a safetensors file tensor by tensor: the header first (from ``specs``: name, dtype, shape), then
+    each tensor of the iterable ``tensors`` as it comes, so only one tensor is ever in memory. Returns the bytes
+    of tensor data written."""
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for name, dtype, shape in specs:
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for (name, dtype, shape), t in zip(specs, tensors, strict=True):
+            if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+                raise MismatchError(f"tensor {name!r}: produced {t.dtype} {tuple(t.shape)}, expected {dtype} {shape}")
+            f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
+    return offset
 
 
 def _resolve_folder(source: str | Path) -> Path:
@@ -224,6 +287,8 @@ def open_checkpoint(source: str | Path | nn.Module | Checkpoint) -> Checkpoint:
     for path in paths:
         handle = ck._open(path)
         names = list(handle.keys())
+        if path.suffix == ".safetensors":
+            ck.spans.update(_safetensors_spans(path, names))
         for name in names:
             if index is not None and index.get(name) != path:
                 continue
@@ -309,9 +374,12 @@ def _load_pair(pre: Checkpoint, post: Checkpoint, e: Entry) -> tuple[torch.Tenso
 
 def _delta(name: str, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """post − pre in ``dtype``; a ``NonFiniteError`` naming the tensor if any entry is NaN or Inf."""
-    d = b.to(dtype) - a.to(device=b.device, dtype=dtype)
-    bad = d.numel() - int(torch.isfinite(d).sum())
-    if bad:
+    d = b.to(dtype, copy=True).sub_(a.to(b.device))  # in place: no converted copy of pre, no third tensor
+    if not d.numel():
+        return d
+    lo, hi = torch.aminmax(d)  # one pass, no mask: NaN and ±Inf show in the extremes
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        bad = d.numel() - int(torch.isfinite(d).sum())
         raise NonFiniteError(f"tensor {name!r}: the delta has {bad} NaN/Inf entries (pre or post is not finite)")
     return d
 
@@ -430,9 +498,9 @@ def _check_ranks(method: str, params: dict[str, Any], post: Checkpoint, entries:
 
 def _edited(run, e: Entry, pre: Checkpoint, post: Checkpoint, seed: int, compute_dtype: torch.dtype):
     """(post tensor, D) for one entry: D = F(ΔW) − ΔW in ``compute_dtype``, on the shared rows for grown ones."""
-    a, b_full = pre.get(e.name), post.get(e.name)
+    b_full = post.get(e.name)
     b = b_full[: e.rows] if e.kind == "grown" else b_full
-    delta = _delta(e.name, a, b, compute_dtype)
+    delta = _delta(e.name, pre.get(e.name), b, compute_dtype)  # pre freed at once
     edited = run(e.name, delta, seed)
     return b_full, (edited.clone() if edited is delta else edited).sub_(delta)  # in place: one copy less
 
@@ -531,29 +599,28 @@ def apply_edit(
     shards: dict[Path, list[str]] = {}
     for name, path in post_ck.files.items():
         shards.setdefault(path, []).append(name)
-    from safetensors.torch import save_file
-
     total = sum(e.kind != "keep" for e in entries)
+
+    def produce(names):  # one tensor at a time, written as soon as it is made
+        for name in names:
+            e = by_name[name]
+            if e.kind == "keep":
+                yield post_ck.get(name)
+            else:
+                yield _new_tensor(*_edited(run, e, pre_ck, post_ck, seed, compute_dtype))
+                bar.update()
+
     with _bar(total, method, progress) as bar, atomic_dir(out, overwrite=overwrite) as tmp:
         for f in sorted(post_ck.folder.iterdir()):
             if f.is_file() and not f.name.startswith(".") and not _is_weights(f.name):
                 shutil.copy2(f, tmp / f.name)
         weight_map, nbytes = {}, 0
         for path, names in shards.items():
-            tensors = {}
-            for name in names:
-                e = by_name[name]
-                if e.kind == "keep":
-                    tensors[name] = post_ck.get(name).contiguous().clone()
-                else:
-                    tensors[name] = _new_tensor(*_edited(run, e, pre_ck, post_ck, seed, compute_dtype)).contiguous()
-                    bar.update()
             fname = path.name if path.suffix == ".safetensors" else path.with_suffix(".safetensors").name
             fname = fname.replace("pytorch_model", "model")
-            save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
+            specs = [(n, _stored_dtype(post_ck, n), post_ck.shapes[n]) for n in names]
+            nbytes += _write_safetensors(tmp / fname, specs, produce(names), metadata={"format": "pt"})
             weight_map.update({n: fname for n in names})
-            nbytes += sum(t.nbytes for t in tensors.values())
-            del tensors
         if post_ck.index:
             index = {"metadata": {"total_size": nbytes}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
@@ -561,6 +628,13 @@ def apply_edit(
     post_ck.close()
     pre_ck.close()
     return Path(out)
+
+
+def _stored_dtype(ck: Checkpoint, name: str) -> torch.dtype:
+    """The dtype a folder stores the tensor in (floating or not), from the header or the memory-mapped .bin."""
+    if name in ck.spans:
+        return ck.spans[name][2]
+    return ck.dtypes.get(name) or ck.get(name).dtype
 
 
 def _is_weights(fname: str) -> bool:

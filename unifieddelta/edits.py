@@ -90,7 +90,12 @@ def masked_rescale(delta: torch.Tensor, mask: torch.Tensor, p: float, k: float =
         raise MismatchError(f"mask shape {tuple(mask.shape)} does not match delta shape {tuple(delta.shape)}")
     work = _work(delta)
     keep_scale = (1.0 - k * p) / (1.0 - p)  # exactly 1.0 when p = 0: the identity edit is bit for bit
-    out = torch.where(mask.to(device=work.device, dtype=torch.bool), work * k, work * keep_scale)
+    mask = mask.to(device=work.device, dtype=torch.bool)
+    out = work * keep_scale  # a new tensor: the input is never written
+    if k == 0.0:  # DARE: dropped entries are zero, no second product needed
+        out.masked_fill_(mask, 0.0)
+    else:  # overwrite the masked entries in place: one full-size temporary fewer than where(m, k·Δ, s·Δ)
+        torch.where(mask, work * k, out, out=out)
     return out.to(delta.dtype)
 
 
@@ -136,15 +141,17 @@ def bitdelta(
     if magnitudes != "mean" and bits != 0:
         raise InvalidParameterError(f"magnitudes={magnitudes!r} draws one distribution per tensor: use bits=0")
     work = _work(delta)
-    sign, mag = work.sign(), work.abs()
     if work.numel() == 0:
         return delta.clone()
+    # mean |Δ| as an L1 norm: one read, no |Δ| temporary
+    mean = scale * (torch.linalg.vector_norm(work, ord=1) / work.numel())
     if magnitudes != "mean":
         noise = _draw(torch.randn if magnitudes == "normal" else torch.rand, work, generator).to(work.dtype)
         factor = 1.0 + noise if magnitudes == "normal" else 2.0 * noise  # both have mean 1
-        return (sign * (scale * mag.mean()) * factor).to(delta.dtype)
+        return (work.sign().mul_(mean) * factor).to(delta.dtype)
     if bits == 0:  # the paper's BitDelta: one magnitude per tensor, no sort needed
-        return (sign * (scale * mag.mean())).to(delta.dtype)
+        return work.sign().mul_(mean).to(delta.dtype)
+    sign, mag = work.sign(), work.abs()
     n = mag.numel()
     blocks = min(2**bits, n)
     flat = mag.reshape(-1)
@@ -158,21 +165,45 @@ def bitdelta(
     return (sign * (scale * means[block]).reshape(work.shape)).to(delta.dtype)
 
 
-def low_rank(delta: torch.Tensor, rank: int | float) -> torch.Tensor:
+def low_rank(delta: torch.Tensor, rank: int | float, svd: str = "exact") -> torch.Tensor:
     """F(Δ) = U_r·diag(S_r)·V_rᵀ, the best rank-r approximation (truncated SVD) of a 2-D Δ.
 
     ``rank``: an int in [0, min(m, n)], or a float in (0, 1] = that fraction of min(m, n), floored but at least
     one (Twin-Merging's ``int(density·len(S))``). Tensors with more than two dimensions are treated as
     (shape[0], rest) matrices; 0-D and 1-D deltas (biases, norms) are returned unchanged.
+    ``svd="randomized"`` approximates the truncated SVD (:func:`_randomized_svd`): much faster for a small rank
+    of a large matrix, not the best approximation (its error is reported by ``benchmarks/run.py``).
     """
+    if svd not in ("exact", "randomized"):
+        raise InvalidParameterError(f"svd must be 'exact' or 'randomized', got {svd!r}")
     r = resolve_rank(rank, tuple(delta.shape))
     work = _work(delta)
     if r is None:
         return work.to(delta.dtype) if work is not delta else delta.clone()  # a copy, never the input itself
     matrix = work.reshape(work.shape[0], -1)
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    approx = (u[:, :r] * s[:r]) @ vh[:r]
+    if svd == "randomized":
+        us, vh = _randomized_svd(matrix, r)
+        approx = us @ vh
+    else:
+        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+        approx = (u[:, :r] * s[:r]) @ vh[:r]
     return approx.reshape(work.shape).to(delta.dtype)
+
+
+def _randomized_svd(matrix: torch.Tensor, r: int, oversample: int = 10, power_iters: int = 2):
+    """(U_r·diag(S_r), V_rᵀ) of a randomized range finder with power iterations (Halko, Martinsson, Tropp 2011).
+
+    The sketch is drawn from a fixed seed, so the result is deterministic (never the global RNG).
+    """
+    m, n = matrix.shape
+    width = min(r + oversample, m, n)
+    omega = torch.randn(n, width, generator=torch.Generator().manual_seed(0), dtype=matrix.dtype).to(matrix.device)
+    q = torch.linalg.qr(matrix @ omega).Q
+    for _ in range(power_iters):  # each pass sharpens the spectrum: σ_i^(2q+1)
+        q = torch.linalg.qr(matrix.mT @ q).Q
+        q = torch.linalg.qr(matrix @ q).Q
+    u, s, vh = torch.linalg.svd(q.mT @ matrix, full_matrices=False)
+    return (q @ u[:, :r]) * s[:r], vh[:r]
 
 
 def resolve_rank(rank: int | float, shape: tuple[int, ...]) -> int | None:
@@ -193,14 +224,51 @@ def resolve_rank(rank: int | float, shape: tuple[int, ...]) -> int | None:
 
 
 def magnitude_trim(delta: torch.Tensor, keep: float) -> torch.Tensor:
-    """F(Δ) = M⊙Δ, M = 1 on the round(keep·n) entries of largest |Δ| in this tensor (TIES' trim), 0 elsewhere."""
+    """F(Δ) = M⊙Δ, M = 1 on the round(keep·n) entries of largest |Δ| in this tensor (TIES' trim), 0 elsewhere.
+
+    Entries tied at the threshold are kept in index order. The threshold is found by selection, not sorting
+    (:func:`_kth_smallest`).
+    """
     keep = _in_range("keep", keep, 0.0, 1.0, lo_open=True, hi_open=False)
     work = _work(delta)
     flat = work.reshape(-1)
-    count = math.floor(keep * flat.numel() + 0.5)
-    mask = torch.zeros(flat.shape, dtype=torch.bool, device=work.device)
-    mask[torch.topk(flat.abs(), count, sorted=False).indices] = True
-    return torch.where(mask, flat, torch.zeros_like(flat)).reshape(work.shape).to(delta.dtype)
+    n = flat.numel()
+    count = math.floor(keep * n + 0.5)
+    if count >= n:
+        return work.to(delta.dtype) if work is not delta else delta.clone()
+    if count == 0:
+        return torch.zeros_like(delta)
+    mag = flat.abs()
+    threshold = _kth_smallest(mag, n - count + 1)  # the count-th largest magnitude
+    mask = mag >= threshold
+    excess = int(mask.sum()) - count
+    if excess > 0:  # ties at the threshold: drop the last ones in index order
+        ties = (mag == threshold).nonzero().squeeze(1)
+        mask[ties[ties.numel() - excess :]] = False
+    return torch.where(mask, flat, 0.0).reshape(work.shape).to(delta.dtype)
+
+
+def _kth_smallest(values: torch.Tensor, k: int, sample_size: int = 1 << 16) -> torch.Tensor:
+    """The k-th smallest (1-based) of a 1-D tensor, exactly, at the cost of a few passes instead of a full select.
+
+    A strided sample brackets the answer; only the entries inside the bracket are selected from. If the bracket
+    misses (unlucky or adversarial data), the whole tensor is selected from: the result is exact either way.
+    """
+    n = values.numel()
+    step = n // sample_size
+    if step <= 1:
+        return torch.kthvalue(values, k).values
+    sample = values[::step]
+    s = sample.numel()
+    centre, margin = (k - 1) / (n - 1) * (s - 1), 4.0 * math.sqrt(s) + 8  # about ±4 standard deviations
+    lo_rank, hi_rank = math.floor(centre - margin) + 1, math.ceil(centre + margin) + 1
+    lo = torch.kthvalue(sample, lo_rank).values if lo_rank >= 1 else values.new_tensor(-math.inf)
+    hi = torch.kthvalue(sample, hi_rank).values if hi_rank <= s else values.new_tensor(math.inf)
+    below = int((values < lo).sum())
+    inside = values[(values >= lo) & (values <= hi)]
+    if below < k <= below + inside.numel():
+        return torch.kthvalue(inside, k - below).values
+    return torch.kthvalue(values, k).values
 
 
 def extrapolate(delta: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -1,0 +1,66 @@
+"""The streaming checkpoint editor: safetensors written tensor by tensor and read without a memory map, and the
+``--compute-dtype`` flag of ``unifieddelta edit``."""
+
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from _tiny_ckpt import load_tensors, save_pair
+from unifieddelta import deltas
+from unifieddelta.cli import main
+from unifieddelta.errors import MismatchError
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    return save_pair(tmp_path_factory.mktemp("stream"))
+
+
+def test_streamed_safetensors_load_back_exactly(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "w": torch.randn(5, 3, generator=g),
+        "h": torch.randn(7, generator=g).to(torch.bfloat16),
+        "ids": torch.arange(6, dtype=torch.int64).reshape(2, 3),
+        "flag": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(2.5, dtype=torch.float64),
+        "empty": torch.zeros(0, 4),
+    }
+    specs = [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
+    written = deltas._write_safetensors(tmp_path / "a.safetensors", specs, iter(tensors.values()), {"format": "pt"})
+    assert written == sum(t.nbytes for t in tensors.values())
+    back = load_file(tmp_path / "a.safetensors")
+    assert back.keys() == tensors.keys() and all(torch.equal(back[n], t) for n, t in tensors.items())
+    (size,) = struct.unpack("<Q", (tmp_path / "a.safetensors").read_bytes()[:8])
+    assert size % 8 == 0 and json.loads((tmp_path / "a.safetensors").read_bytes()[8 : 8 + size])["__metadata__"]
+
+
+def test_streamed_writer_refuses_a_tensor_unlike_its_header(tmp_path):
+    with pytest.raises(MismatchError, match="'w'"):
+        deltas._write_safetensors(tmp_path / "b.safetensors", [("w", torch.float32, (2,))], [torch.zeros(3)], {})
+
+
+def test_reader_gives_what_safetensors_stored(tmp_path):
+    tensors = {"a": torch.randn(4, 4), "b": torch.arange(5, dtype=torch.int32), "c": torch.randn(3).half()}
+    (tmp_path / "m").mkdir()
+    save_file(tensors, str(tmp_path / "m" / "model.safetensors"))
+    ck = deltas.open_checkpoint(tmp_path / "m")
+    assert set(ck.spans) == set(tensors)
+    assert all(torch.equal(ck.get(n), t) and ck.get(n).dtype == t.dtype for n, t in tensors.items())
+
+
+def test_cli_compute_dtype_float32_matches_the_library(pair, tmp_path, capsys):
+    pre, post = pair
+    argv = ["edit", "--pre", pre, "--post", post, "--method", "dare", "--set", "p=0.7", "--seed", "1"]
+    assert main([str(a) for a in [*argv, "--compute-dtype", "float32", "--out", tmp_path / "f32"]]) == 0
+    got = load_tensors(tmp_path / "f32")
+    ref = deltas.apply_edit(pre, post, "dare", p=0.7, seed=1, compute_dtype=torch.float32)
+    assert all(torch.equal(t, ref.get_parameter(n)) for n, t in got.items())
+    assert main([str(a) for a in [*argv, "--out", tmp_path / "f64"]]) == 0  # float64 stays the default
+    ref64 = load_tensors(deltas.apply_edit(pre, post, "dare", p=0.7, seed=1, out=tmp_path / "lib64"))
+    f64 = load_tensors(tmp_path / "f64")
+    assert all(torch.equal(f64[n], ref64[n]) for n in ref64)
+    capsys.readouterr()
