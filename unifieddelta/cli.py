@@ -58,6 +58,8 @@ def _warn_lines(caught) -> None:
 def _edit(args: argparse.Namespace) -> int:
     import warnings
 
+    import torch
+
     from .deltas import apply_edit
 
     params = _parse_set(args.set)
@@ -65,7 +67,8 @@ def _edit(args: argparse.Namespace) -> int:
         warnings.simplefilter("always")
         out = apply_edit(
             args.pre, args.post, args.method, seed=args.seed, include=args.include, exclude=args.exclude,
-            preset=args.preset, out=args.out, overwrite=args.overwrite, progress=True, **params,
+            preset=args.preset, out=args.out, overwrite=args.overwrite, progress=True,
+            compute_dtype=getattr(torch, args.compute_dtype), **params,
         )  # fmt: skip
     _warn_lines(caught)
     print(f"edited checkpoint: {out}")
@@ -84,6 +87,8 @@ def _add_edit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--include", action="append", metavar="REGEX", help="edit only tensors whose name matches")
     p.add_argument("--exclude", action="append", metavar="REGEX", help="leave tensors whose name matches as in post")
     p.add_argument("--preset", default="all", help="all (default), matrices (2-D only), linear (no embeddings/norms/heads)")
+    p.add_argument("--compute-dtype", choices=["float64", "float32"], default="float64",
+                   help="precision of the edit arithmetic (float32: half the memory and time, identity edits still exact)")
     p.set_defaults(func=_edit)
 
 
