@@ -33,8 +33,11 @@ def test_no_test_item_in_any_training_data(task):
     assert not test_statements & {it["statement"] for it in train}
     assert not test_questions & {ex["prompt"] for ex in generate.sft_examples(3000, n_test=N_TEST)}
     assert not test_questions & {ex["prompt"] for ex in generate.preference_pairs(1000, n_test=N_TEST)}
-    corpus = {s for doc in generate.pretraining_texts(2000, n_test=N_TEST) for s in re.split(r"(?<=\.) ", doc)}
+    docs = generate.pretraining_texts(2000, n_test=N_TEST, qa_share=0.2)
+    corpus = {s for doc in docs for s in re.split(r"(?<=\.) ", doc)}
     assert len(corpus) > 1000 and not test_statements & corpus
+    qa_docs = [d for d in docs if d.startswith("Question:")]
+    assert qa_docs and not [q for q in test_questions for d in qa_docs if q in d]
 
 
 def test_data_is_deterministic():

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 #: Bump when the generators change: it is part of every cache key that depends on the data.
-DATA_VERSION = 1
+DATA_VERSION = 2
 
 NAMES = ["Anna", "Ben", "Cara", "Dan", "Eva", "Finn", "Gina", "Hugo", "Ida", "Jon", "Kim", "Leo"]
 OBJECTS = ["apples", "books", "coins", "cards", "pens", "shells", "stamps", "marbles", "cups", "stones"]
@@ -149,12 +149,53 @@ def prompt(question: str) -> str:
     return f"Question: {question}\nAnswer:"
 
 
-def pretraining_texts(n_docs: int, *, seed: int = 0, statements_per_doc: int = 6, n_test: int = 100) -> list[str]:
-    """Pre-training documents: runs of training statements of all tasks, mixed, never a test item."""
+WORDS = ["cat", "dog", "tree", "house", "river", "stone", "light", "bird", "cloud", "apple", "green", "table",
+         "music", "road", "ship", "window", "garden", "paper", "horse", "winter", "summer", "bread", "chair", "lamp"]
+DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+OPPOSITES = {"hot": "cold", "big": "small", "up": "down", "fast": "slow", "old": "new", "light": "dark",
+             "open": "closed", "early": "late", "wet": "dry", "full": "empty", "high": "low", "long": "short"}
+
+
+def general_qa(rng: random.Random, n: int) -> list[str]:
+    """Question-answer pairs about other things than the tasks (first letters, days, opposites, list lookups).
+
+    Real base models have seen questions and answers; mixing these into pre-training gives the tiny base model
+    the format without any task's questions, so post-training only has to connect known facts to new questions.
+    """
+    out = []
+    for _ in range(n):
+        kind = rng.randrange(5)
+        if kind == 0:
+            w = rng.choice(WORDS)
+            q, a = f"Which letter does the word {w} start with?", w[0]
+        elif kind == 1:
+            i = rng.randrange(7)
+            q, a = f"What day comes after {DAYS[i]}?", DAYS[(i + 1) % 7]
+        elif kind == 2:
+            w, o = rng.choice(list(OPPOSITES.items()))
+            q, a = f"What is the opposite of {w}?", o
+        else:
+            nums = [rng.randrange(0, 100) for _ in range(rng.randrange(3, 6))]
+            where = "first" if kind == 3 else "last"
+            q, a = f"What is the {where} number in the list {', '.join(map(str, nums))}?", str(nums[0 if kind == 3 else -1])
+        out.append(f"{prompt(q)} {a}")
+    return out
+
+
+def pretraining_texts(n_docs: int, *, seed: int = 0, statements_per_doc: int = 6, n_test: int = 100,
+                      qa_share: float = 0.0) -> list[str]:
+    """Pre-training documents: runs of training statements of all tasks, mixed, never a test item; a share
+    ``qa_share`` of the documents are instead runs of ``general_qa`` pairs, one per line."""
     pools = [[it["statement"] for it in split(t, n_test=n_test, seed=seed)[0]] for t in TASKS]
     rng = random.Random(f"pretrain:{seed}")
-    # Task first, then item: each task gets an equal share however large its universe.
-    return [" ".join(rng.choice(rng.choice(pools)) for _ in range(statements_per_doc)) for _ in range(n_docs)]
+    docs = []
+    for _ in range(n_docs):
+        if rng.random() < qa_share:
+            docs.append("\n".join(general_qa(rng, 3)))
+        else:
+            # Task first, then item: each task gets an equal share however large its universe.
+            docs.append(" ".join(rng.choice(rng.choice(pools)) for _ in range(statements_per_doc)))
+    return docs
 
 
 def sft_examples(n: int, *, seed: int = 0, n_test: int = 100) -> list[dict]:

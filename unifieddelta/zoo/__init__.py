@@ -18,7 +18,7 @@ from .store import read_manifest
 
 #: Default LM recipe per width. Narrower models are cheaper per step, so they get more steps for equal quality.
 LM_WIDTHS: dict[int, LMRecipe] = {
-    64: LMRecipe(width=64, heads=2, pre_steps=1200),
+    64: LMRecipe(width=64, heads=4, pre_steps=1200),
     128: LMRecipe(width=128, heads=4),
     256: LMRecipe(width=256, heads=4, pre_lr=1.5e-3),
 }

@@ -89,7 +89,8 @@ def _pretrain(recipe: LMRecipe, out: Path, progress: bool) -> dict:
     from transformers import Trainer, TrainingArguments, set_seed
 
     set_seed(recipe.seed)
-    docs = generate.pretraining_texts(recipe.pre_docs, seed=recipe.seed, n_test=recipe.n_test)
+    docs = generate.pretraining_texts(recipe.pre_docs, seed=recipe.seed, n_test=recipe.n_test,
+                                      qa_share=recipe.pre_qa_share)
     tokenizer = train_tokenizer(docs, recipe.vocab_size)
     model = new_model(recipe, tokenizer)
     # Concatenate the documents (each closed by EOS) and cut the stream into equal blocks.
@@ -165,7 +166,38 @@ def _dpo(recipe: LMRecipe, parent: Path, out: Path, progress: bool) -> dict:
         _quiet(trainer, progress).train()
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    return {"train_loss": _final_loss(trainer)}
+    return {"train_loss": _final_loss(trainer), **_heldout_preference(recipe, parent, model, tokenizer)}
+
+
+@torch.no_grad()
+def _heldout_preference(recipe: LMRecipe, parent: Path, model, tokenizer) -> dict:
+    """DPO loss and preference accuracy on pairs made from *test* items, SFT model as reference.
+
+    The SFT model itself scores log 2 ≈ 0.693 on the loss by definition; the DPO model should score less.
+    """
+    from transformers import LlamaForCausalLM
+
+    from ..losses import dpo_loss
+
+    pairs = generate.preference_pairs(240, seed=recipe.seed, n_test=recipe.n_test, split_name="test")
+    triples = [(p["prompt"], p["chosen"], p["rejected"]) for p in pairs]
+    reference = LlamaForCausalLM.from_pretrained(parent).eval()
+    model.eval()
+    loss = dpo_loss(reference, triples, tokenizer, beta=recipe.dpo_beta, batch_size=48)
+    # Preference accuracy: the chosen answer more likely than the rejected one under the model.
+    margin = torch.cat([_margins(model, b) for b in loss.batches])
+    ref_margin = torch.cat([_margins(reference, b) for b in loss.batches])
+    return {"heldout_dpo_loss": float(loss(model)), "heldout_pref_acc": float((margin > 0).float().mean()),
+            "heldout_pref_acc_sft": float((ref_margin > 0).float().mean())}
+
+
+def _margins(model, batch) -> torch.Tensor:
+    """log π(chosen) − log π(rejected) per pair of a ``dpo_loss`` batch (chosen rows first)."""
+    from ..losses import _token_logprobs
+
+    logp = _token_logprobs(model, batch)[0].sum(-1)
+    n = len(logp) // 2
+    return logp[:n] - logp[n:]
 
 
 def build(recipe: LMRecipe, stage: str, *, progress: bool = False) -> Path:

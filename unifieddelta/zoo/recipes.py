@@ -38,6 +38,7 @@ class LMRecipe:
     pre_steps: int = 1500
     pre_batch: int = 32
     pre_lr: float = 3e-3
+    pre_qa_share: float = 0.15  # share of pre-training documents in question-answer format (other questions)
     # supervised fine-tuning on question -> answer (loss on the answer only)
     sft_examples: int = 6000
     sft_steps: int = 200
