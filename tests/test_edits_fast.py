@@ -43,12 +43,14 @@ def test_kth_smallest_is_exact_also_when_the_sample_misleads():
     values = values[torch.randperm(values.numel(), generator=torch.Generator().manual_seed(3))]
     sorted_values = torch.sort(values).values
     for k in [1, 299_999, 300_001, 300_500, values.numel()]:
-        assert edits._kth_smallest(values, k) == sorted_values[k - 1]
+        value, at_least = edits._kth_smallest(values, k)
+        assert value == sorted_values[k - 1] and at_least == int((values >= value).sum())
     adversarial = torch.arange(1 << 18, dtype=torch.float32)
     adversarial[:: (1 << 18) // (1 << 16)] = 0.0  # every sampled entry is zero
     ref = torch.sort(adversarial).values
     for k in [1, 70_000, 200_000]:
-        assert edits._kth_smallest(adversarial, k) == ref[k - 1]
+        value, at_least = edits._kth_smallest(adversarial, k)
+        assert value == ref[k - 1] and at_least == int((adversarial >= value).sum())
 
 
 def test_randomized_low_rank_is_exact_on_a_rank_r_matrix_and_deterministic():

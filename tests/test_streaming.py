@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from _tiny_ckpt import load_tensors, save_pair
 from unifieddelta import deltas
 from unifieddelta.cli import main
-from unifieddelta.errors import MismatchError
+from unifieddelta.errors import MismatchError, NonFiniteError
 
 
 @pytest.fixture(scope="module")
@@ -64,3 +64,48 @@ def test_cli_compute_dtype_float32_matches_the_library(pair, tmp_path, capsys):
     f64 = load_tensors(tmp_path / "f64")
     assert all(torch.equal(f64[n], ref64[n]) for n in ref64)
     capsys.readouterr()
+
+
+@pytest.mark.parametrize("method,params", [("dare", {"p": 0.7, "k": -0.5}), ("drop_only", {"p": 0.4}), ("extrapolate", {"alpha": 0.3})])
+@pytest.mark.parametrize("compute_dtype", [torch.float64, torch.float32])
+def test_row_blocks_give_exactly_the_tensor_edited_whole(pair, tmp_path, monkeypatch, method, params, compute_dtype):
+    pre, post = pair
+    whole = load_tensors(deltas.apply_edit(pre, post, method, seed=5, out=tmp_path / "whole", compute_dtype=compute_dtype, **params))
+    monkeypatch.setattr(deltas, "BLOCK_BYTES", 200)  # a few rows per block, blocks cutting through the tensors
+    assert deltas._blockwise(method, deltas.open_checkpoint(post), "model.embed_tokens.weight", compute_dtype)
+    blocks = load_tensors(deltas.apply_edit(pre, post, method, seed=5, out=tmp_path / "blocks", compute_dtype=compute_dtype, **params))
+    assert whole.keys() == blocks.keys() and all(torch.equal(whole[n], blocks[n]) for n in whole)
+
+
+def test_row_blocks_of_a_grown_embedding_keep_the_new_rows(pair, tmp_path, monkeypatch):
+    pre, post = pair
+    grown = tmp_path / "grown"
+    grown.mkdir()
+    tensors = load_tensors(post)
+    name = "model.embed_tokens.weight"
+    tensors[name] = torch.cat([tensors[name], torch.randn(6, tensors[name].shape[1], generator=torch.Generator().manual_seed(5))])
+    save_file(tensors, str(grown / "model.safetensors"), metadata={"format": "pt"})
+    for f in post.iterdir():
+        if f.suffix == ".json":
+            (grown / f.name).write_bytes(f.read_bytes())
+    with pytest.warns(UserWarning, match="grew"):
+        whole = load_tensors(deltas.apply_edit(pre, grown, "dare", p=0.5, seed=2, out=tmp_path / "w"))
+    monkeypatch.setattr(deltas, "BLOCK_BYTES", 300)
+    with pytest.warns(UserWarning, match="grew"):
+        blocks = load_tensors(deltas.apply_edit(pre, grown, "dare", p=0.5, seed=2, out=tmp_path / "b"))
+    assert all(torch.equal(whole[n], blocks[n]) for n in whole)
+    assert torch.equal(blocks[name][-6:], tensors[name][-6:])
+
+
+def test_a_non_finite_block_names_the_tensor_and_rows(pair, tmp_path, monkeypatch):
+    pre, post = pair
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    tensors = load_tensors(post)
+    tensors["model.embed_tokens.weight"][5, 1] = float("nan")
+    save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    (bad / "config.json").write_bytes((post / "config.json").read_bytes())
+    monkeypatch.setattr(deltas, "BLOCK_BYTES", 200)
+    with pytest.raises(NonFiniteError, match=r"embed_tokens.*1 NaN/Inf entries rows \d+:\d+"):
+        deltas.apply_edit(pre, bad, "dare", p=0.5, out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()

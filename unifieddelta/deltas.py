@@ -133,17 +133,27 @@ class Checkpoint:
         if self.module is not None:
             return self.module.get_parameter(name).detach()
         if name in self.spans:
-            return self._read(name)
+            return self._read(name, 0, self.shapes[name][0] if self.shapes[name] else None)
         handle = self._open(self.files[name])
         try:
             return handle.get_tensor(name) if hasattr(handle, "get_tensor") else handle[name]
         except Exception as e:  # e.g. a file that changed since its header was read
             raise CheckpointError(f"{self.files[name]}: cannot read tensor {name!r} ({e})") from None
 
-    def _read(self, name: str) -> torch.Tensor:
-        """A safetensors tensor read with plain file reads, not through a memory map: pages of the file stay
-        in the OS cache instead of counting in this process's resident memory."""
+    def rows(self, name: str, r0: int, r1: int) -> torch.Tensor:
+        """Rows ``r0:r1`` of the tensor ``name`` (first dimension), reading only those from a safetensors file."""
+        if name in self.spans and self.shapes[name]:
+            return self._read(name, r0, r1)
+        return self.get(name)[r0:r1]
+
+    def _read(self, name: str, r0: int, r1: int | None) -> torch.Tensor:
+        """A safetensors tensor (rows r0:r1; r1=None: a 0-D one) read with plain file reads, not through a memory
+        map: pages of the file stay in the OS cache instead of counting in this process's resident memory."""
         start, end, dtype = self.spans[name]
+        shape = self.shapes[name]
+        if r1 is not None:
+            row_bytes = math.prod(shape[1:]) * dtype.itemsize
+            start, end, shape = start + r0 * row_bytes, start + r1 * row_bytes, (r1 - r0, *shape[1:])
         raw = torch.empty(end - start, dtype=torch.uint8)
         try:
             with open(self.files[name], "rb") as f:
@@ -153,7 +163,7 @@ class Checkpoint:
             raise CheckpointError(f"{self.files[name]}: cannot read tensor {name!r} ({e})") from None
         if got != raw.numel():  # e.g. a file that changed since its header was read
             raise CheckpointError(f"{self.files[name]}: cannot read tensor {name!r} (truncated file)")
-        return raw.view(dtype).reshape(self.shapes[name])
+        return raw.view(dtype).reshape(shape)
 
     def _open(self, path: Path):
         if path not in self._handles:
@@ -195,8 +205,8 @@ def _safetensors_spans(path: Path, names: list[str]) -> dict[str, tuple[int, int
 
 def _write_safetensors(path: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]], tensors, metadata) -> int:
     """Write a safetensors file tensor by tensor: the header first (from ``specs``: name, dtype, shape), then
-    each tensor of the iterable ``tensors`` as it comes, so only one tensor is ever in memory. Returns the bytes
-    of tensor data written."""
+    each tensor of the iterable ``tensors`` as it comes, so only one tensor is ever in memory. An item may also
+    be an iterator of row blocks whose concatenation is the tensor. Returns the bytes of tensor data written."""
     header: dict[str, Any] = {"__metadata__": metadata}
     offset = 0
     for name, dtype, shape in specs:
@@ -207,10 +217,15 @@ def _write_safetensors(path: Path, specs: list[tuple[str, torch.dtype, tuple[int
     raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)) + raw)
-        for (name, dtype, shape), t in zip(specs, tensors, strict=True):
-            if t.dtype != dtype or tuple(t.shape) != tuple(shape):
-                raise MismatchError(f"tensor {name!r}: produced {t.dtype} {tuple(t.shape)}, expected {dtype} {shape}")
-            f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
+        for (name, dtype, shape), item in zip(specs, tensors, strict=True):
+            written = 0
+            for t in [item] if isinstance(item, torch.Tensor) else item:
+                if t.dtype != dtype or tuple(t.shape[1:]) != tuple(shape[1:]):
+                    raise MismatchError(f"tensor {name!r}: produced {t.dtype} {tuple(t.shape)}, expected {dtype} {shape}")
+                f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
+                written += t.nbytes
+            if written != math.prod(shape) * dtype.itemsize:
+                raise MismatchError(f"tensor {name!r}: produced {written} bytes, expected shape {shape} of {dtype}")
     return offset
 
 
@@ -372,15 +387,16 @@ def _load_pair(pre: Checkpoint, post: Checkpoint, e: Entry) -> tuple[torch.Tenso
     return (a, b[: e.rows]) if e.kind == "grown" else (a, b)
 
 
-def _delta(name: str, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """post − pre in ``dtype``; a ``NonFiniteError`` naming the tensor if any entry is NaN or Inf."""
+def _delta(name: str, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype = torch.float64, rows=None) -> torch.Tensor:
+    """post − pre in ``dtype``; a ``NonFiniteError`` naming the tensor (and ``rows``, a block) if any entry is NaN or Inf."""
     d = b.to(dtype, copy=True).sub_(a.to(b.device))  # in place: no converted copy of pre, no third tensor
     if not d.numel():
         return d
     lo, hi = torch.aminmax(d)  # one pass, no mask: NaN and ±Inf show in the extremes
     if not (math.isfinite(lo) and math.isfinite(hi)):
         bad = d.numel() - int(torch.isfinite(d).sum())
-        raise NonFiniteError(f"tensor {name!r}: the delta has {bad} NaN/Inf entries (pre or post is not finite)")
+        where = f" rows {rows[0]}:{rows[1]}" if rows else ""
+        raise NonFiniteError(f"tensor {name!r}: the delta has {bad} NaN/Inf entries{where} (pre or post is not finite)")
     return d
 
 
@@ -466,10 +482,10 @@ def _prepare(method: str, params: dict[str, Any], grad) -> Callable[[str, torch.
     except InvalidParameterError as e:
         raise InvalidParameterError(f"{method}: {e}") from None
 
-    def run(name: str, delta: torch.Tensor, seed: int) -> torch.Tensor:
+    def run(name: str, delta: torch.Tensor, seed: int, generator: torch.Generator | None = None) -> torch.Tensor:
         kwargs = dict(params)
         if random:
-            kwargs["generator"] = tensor_generator(seed, name)
+            kwargs["generator"] = generator or tensor_generator(seed, name)
         args = [delta]
         if edits.needs_grad(method):
             if name not in grad:
@@ -503,6 +519,35 @@ def _edited(run, e: Entry, pre: Checkpoint, post: Checkpoint, seed: int, compute
     delta = _delta(e.name, pre.get(e.name), b, compute_dtype)  # pre freed at once
     edited = run(e.name, delta, seed)
     return b_full, (edited.clone() if edited is delta else edited).sub_(delta)  # in place: one copy less
+
+
+#: Entry-wise edits of tensors larger than this (in the compute dtype) are written in row blocks of about this size.
+BLOCK_BYTES = 64 << 20
+
+
+def _edited_blocks(run, e: Entry, pre: Checkpoint, post: Checkpoint, seed: int, compute_dtype: torch.dtype):
+    """W_post + D of one entry in row blocks, for entry-wise edits (``edits.ELEMENTWISE``): the generator runs on
+    from block to block, so the blocks put together are exactly the tensor edited whole, in a fraction of the
+    memory (a few blocks instead of a few copies of the tensor)."""
+    shape = post.shapes[e.name]
+    edit_rows = e.rows if e.kind == "grown" else shape[0]
+    step = max(1, BLOCK_BYTES // max(1, math.prod(shape[1:]) * compute_dtype.itemsize))
+    generator = tensor_generator(seed, e.name)
+    for r0 in range(0, shape[0], step):
+        r1 = min(shape[0], r0 + step)
+        b = post.rows(e.name, r0, r1)
+        if r0 >= edit_rows:  # new rows of a grown embedding: kept from post
+            yield b
+            continue
+        cut = min(r1, edit_rows) - r0
+        delta = _delta(e.name, pre.rows(e.name, r0, r0 + cut), b[:cut], compute_dtype, rows=(r0, r0 + cut))
+        edited = run(e.name, delta, seed, generator)
+        yield _new_tensor(b, (edited.clone() if edited is delta else edited).sub_(delta))
+
+
+def _blockwise(method: str, post: Checkpoint, name: str, compute_dtype: torch.dtype) -> bool:
+    shape = post.shapes[name]
+    return method in edits.ELEMENTWISE and len(shape) >= 1 and math.prod(shape) * compute_dtype.itemsize > BLOCK_BYTES
 
 
 def _new_tensor(b_full: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
@@ -606,6 +651,9 @@ def apply_edit(
             e = by_name[name]
             if e.kind == "keep":
                 yield post_ck.get(name)
+            elif _blockwise(method, post_ck, name, compute_dtype):
+                yield _edited_blocks(run, e, pre_ck, post_ck, seed, compute_dtype)
+                bar.update()
             else:
                 yield _new_tensor(*_edited(run, e, pre_ck, post_ck, seed, compute_dtype))
                 bar.update()

@@ -33,6 +33,7 @@ __all__ = [
     "sign_biased",
     "product_biased",
     "METHODS",
+    "ELEMENTWISE",
     "GRAD_METHODS",
     "get_method",
     "needs_generator",
@@ -239,17 +240,18 @@ def magnitude_trim(delta: torch.Tensor, keep: float) -> torch.Tensor:
     if count == 0:
         return torch.zeros_like(delta)
     mag = flat.abs()
-    threshold = _kth_smallest(mag, n - count + 1)  # the count-th largest magnitude
+    threshold, at_least = _kth_smallest(mag, n - count + 1)  # the count-th largest magnitude
     mask = mag >= threshold
-    excess = int(mask.sum()) - count
+    excess = at_least - count
     if excess > 0:  # ties at the threshold: drop the last ones in index order
         ties = (mag == threshold).nonzero().squeeze(1)
         mask[ties[ties.numel() - excess :]] = False
     return torch.where(mask, flat, 0.0).reshape(work.shape).to(delta.dtype)
 
 
-def _kth_smallest(values: torch.Tensor, k: int, sample_size: int = 1 << 16) -> torch.Tensor:
-    """The k-th smallest (1-based) of a 1-D tensor, exactly, at the cost of a few passes instead of a full select.
+def _kth_smallest(values: torch.Tensor, k: int, sample_size: int = 1 << 16) -> tuple[torch.Tensor, int]:
+    """The k-th smallest (1-based) of a 1-D tensor, exactly, and how many entries are >= it; at the cost of a few
+    passes instead of a full select.
 
     A strided sample brackets the answer; only the entries inside the bracket are selected from. If the bracket
     misses (unlucky or adversarial data), the whole tensor is selected from: the result is exact either way.
@@ -257,7 +259,8 @@ def _kth_smallest(values: torch.Tensor, k: int, sample_size: int = 1 << 16) -> t
     n = values.numel()
     step = n // sample_size
     if step <= 1:
-        return torch.kthvalue(values, k).values
+        value = torch.kthvalue(values, k).values
+        return value, int((values >= value).sum())
     sample = values[::step]
     s = sample.numel()
     centre, margin = (k - 1) / (n - 1) * (s - 1), 4.0 * math.sqrt(s) + 8  # about ±4 standard deviations
@@ -267,8 +270,10 @@ def _kth_smallest(values: torch.Tensor, k: int, sample_size: int = 1 << 16) -> t
     below = int((values < lo).sum())
     inside = values[(values >= lo) & (values <= hi)]
     if below < k <= below + inside.numel():
-        return torch.kthvalue(inside, k - below).values
-    return torch.kthvalue(values, k).values
+        value = torch.kthvalue(inside, k - below).values
+        return value, n - below - int((inside < value).sum())  # all below lo are < value, all above hi are > it
+    value = torch.kthvalue(values, k).values
+    return value, int((values >= value).sum())
 
 
 def extrapolate(delta: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -312,6 +317,10 @@ METHODS: dict[str, Callable[..., torch.Tensor]] = {
     "extrapolate": extrapolate,
     "sign_biased": sign_biased,
 }
+
+#: Entry-wise methods: each output entry depends on its own delta entry and on the random numbers drawn in
+#: row-major order, so a tensor may be edited in row blocks with one generator running on from block to block.
+ELEMENTWISE = frozenset({"dare", "drop_only", "extrapolate"})
 
 #: Methods that also need the loss gradient at W_post, tensor by tensor (``grad=``).
 GRAD_METHODS: dict[str, Callable[..., torch.Tensor]] = {"product_biased": product_biased}
