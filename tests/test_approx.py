@@ -111,6 +111,10 @@ def test_per_tensor_split_and_absent_names():
     assert only_a.term == pytest.approx(full.term, rel=1e-14)
     assert list(only_a.per_tensor) == ["a"]
     assert res.forward_passes == 3 and res.backward_passes == 3
+    for mode in approx.MODES:  # an empty direction is D = 0
+        zero = approx.approximation_term(model, {}, loss_of, points=2, mode=mode)
+        assert zero.term == 0 and zero.values == [0, 0] and zero.losses == [float(model().detach())] * 2
+    assert approx.loss_change(model, {}, loss_of) == 0 and approx.second_order_term(model, {}, loss_of) == 0
 
 
 def test_quadrature_nodes():

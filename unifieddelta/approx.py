@@ -21,8 +21,9 @@ A hand-written ``loss_fn`` must then return this process's share of the loss its
 from __future__ import annotations
 
 import contextlib
+import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -53,7 +54,6 @@ class ApproxResult:
     mode: str
     forward_passes: int = 0  # over all batches on this process (a jvp pass counts as one forward)
     backward_passes: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------- quadrature
@@ -224,7 +224,12 @@ def approximation_term(
         for k, t in enumerate(nodes):
             at = {n: p.detach() if t == 0 else p.detach() + t * d for n, (p, d) in dirs.items()}
             for part in parts:
-                if mode == "grad":
+                if not dirs:  # D = 0: the integrand vanishes, only the loss is left to evaluate
+                    with torch.no_grad():
+                        loss = _call(model, part, {}, t)
+                    if local:
+                        _check_finite(loss, t)
+                elif mode == "grad":
                     x = {n: w.detach().requires_grad_(True) for n, w in at.items()}  # fresh leaves: no .grad buffers
                     loss = _call(model, part, x, t)
                     if local:
@@ -294,7 +299,7 @@ def second_order_term(model: nn.Module, direction: Mapping[str, torch.Tensor], l
             if local:
                 _check_finite(loss, 0.0)
             value = 0.0
-            if loss.requires_grad:
+            if x and loss.requires_grad:
                 grads = torch.autograd.grad(loss, list(x.values()), create_graph=True, allow_unused=True)
                 gd = sum((g * d).sum() for g, (_, d) in zip(grads, dirs.values()) if g is not None)
                 if isinstance(gd, torch.Tensor) and gd.requires_grad:
@@ -305,3 +310,70 @@ def second_order_term(model: nn.Module, direction: Mapping[str, torch.Tensor], l
     _check_finite(total[1], 0.0)
     _check_finite(total[0], 0.0, "½·DᵀHD")
     return float(total[0])
+
+
+# ---------------------------------------------------------------------------------------------- Figure 3
+
+
+def _edit_spec(edit) -> tuple[str, dict]:
+    """An edit given as "bitdelta", ("dare", {"p": 0.5}) or {"method": "dare", "p": 0.5} -> (method, params)."""
+    if isinstance(edit, str):
+        return edit, {}
+    if isinstance(edit, Mapping):
+        params = dict(edit)
+        if "method" not in params:
+            raise InvalidParameterError(f"an edit given as a dict needs a 'method' key: {edit!r}")
+        return params.pop("method"), params
+    if isinstance(edit, Sequence) and len(edit) == 2 and isinstance(edit[0], str) and isinstance(edit[1], Mapping):
+        return edit[0], dict(edit[1])
+    raise InvalidParameterError(f"cannot read edit {edit!r}: expected 'method', ('method', {{params}}) or {{'method': ..., params}}")
+
+
+def term_table(
+    pre,
+    post: nn.Module,
+    edits: Sequence,
+    loss_fn: LossFn,
+    *,
+    seed: int = 0,
+    points: int = 5,
+    rule: str = "left",
+    mode: str = "grad",
+    second_order: bool = True,
+    include=None,
+    exclude=None,
+    preset: str = "all",
+):
+    """The paper's Figure 3 as a tidy table: one row per edit and tensor (one per edit in jvp mode).
+
+    Columns: edit, method, params, tensor, tensor_term (that tensor's share), term, loss_change (exact),
+    second_order (½DᵀHD, NaN if not asked), the cost per batch-pass on this process (term_forward,
+    term_backward; the exact change costs 2 forwards per batch, ½DᵀHD one forward and two backwards) and the
+    seconds each quantity took. ``pre`` is anything ``deltas.direction`` reads; ``post`` the model at W_post.
+    """
+    import time
+
+    import pandas as pd
+
+    from . import deltas
+
+    rows = []
+    for edit in tqdm(edits, desc="edits", leave=False, disable=None):
+        method, params = _edit_spec(edit)
+        label = method + "(" + ", ".join(f"{k}={v}" for k, v in params.items()) + ")"
+        d = deltas.direction(pre, post, method, seed=seed, include=include, exclude=exclude, preset=preset, **params)
+        t0 = time.perf_counter()
+        res = approximation_term(post, d, loss_fn, points=points, rule=rule, mode=mode)
+        t1 = time.perf_counter()
+        change = loss_change(post, d, loss_fn)
+        t2 = time.perf_counter()
+        so = second_order_term(post, d, loss_fn) if second_order else math.nan
+        t3 = time.perf_counter()
+        common = dict(edit=label, method=method, params=json.dumps(params, sort_keys=True, default=str), term=res.term,
+                      loss_change=change, second_order=so, term_forward=res.forward_passes, term_backward=res.backward_passes,
+                      term_seconds=t1 - t0, loss_change_seconds=t2 - t1, second_order_seconds=t3 - t2)  # fmt: skip
+        split = res.per_tensor or {None: math.nan}
+        rows += [dict(common, tensor=name, tensor_term=value) for name, value in split.items()]
+    columns = ["edit", "method", "params", "tensor", "tensor_term", "term", "loss_change", "second_order",
+               "term_forward", "term_backward", "term_seconds", "loss_change_seconds", "second_order_seconds"]  # fmt: skip
+    return pd.DataFrame(rows, columns=columns)

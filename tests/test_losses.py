@@ -1,0 +1,135 @@
+"""Loss callables: what they compute, that batching does not change it, and the Figure-3 table built on them."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from _approx_models import snapshot, tiny_llama, token_pairs, unchanged
+from unifieddelta import approx, losses
+from unifieddelta.errors import InvalidParameterError
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama()
+
+
+def manual_nll(model, pairs):
+    """Mean NLL over answer tokens, one sequence at a time, with nothing but log_softmax."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for prompt, answer in pairs:
+            ids = torch.tensor([prompt + answer])
+            logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
+            for j in range(len(prompt), len(prompt) + len(answer)):
+                total -= float(logp[j - 1, ids[0, j]])
+                count += 1
+    return total / count
+
+
+def test_causal_lm_nll_masks_prompt_and_ignores_batching(model):
+    pairs = token_pairs(5)
+    want = manual_nll(model, pairs)
+    with torch.no_grad():
+        for bs in (1, 2, 5):
+            loss = losses.causal_lm_nll(pairs, batch_size=bs)
+            assert len(loss.parts()) == math.ceil(5 / bs)
+            assert float(loss(model)) == pytest.approx(want, rel=1e-12)
+            assert math.fsum(float(p(model)) for p in loss.parts()) == pytest.approx(want, rel=1e-12)
+
+
+class CharTokenizer:
+    """Enough of a Hugging Face tokenizer for the tests: one id per character, BOS = 1, PAD = 0."""
+
+    pad_token_id = 0
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": ([1] if add_special_tokens else []) + [3 + ord(c) % 60 for c in text]}
+
+
+def test_causal_lm_nll_on_text_and_truncation(model):
+    tok = CharTokenizer()
+    loss = losses.causal_lm_nll([("2+2=", "4"), ("3+4=", "7!")], tok, batch_size=2)
+    ids = [([1] + [3 + ord(c) % 60 for c in p], [3 + ord(c) % 60 for c in a]) for p, a in [("2+2=", "4"), ("3+4=", "7!")]]
+    with torch.no_grad():
+        assert float(loss(model)) == pytest.approx(manual_nll(model, ids), rel=1e-12)
+    cut = losses.causal_lm_nll([(list(range(3, 20)), [5, 6])], max_length=6)  # keeps the last 6 tokens
+    assert cut.batches[0]["input_ids"].tolist() == [[16, 17, 18, 19, 5, 6]]
+    with pytest.raises(InvalidParameterError, match="tokenizer"):
+        losses.causal_lm_nll([("a", "b")])
+    with pytest.raises(InvalidParameterError, match="no answer"):
+        losses.causal_lm_nll([([3, 4], [])])
+    with pytest.raises(InvalidParameterError, match="batch_size"):
+        losses.causal_lm_nll(token_pairs(2), batch_size=0)
+    with pytest.raises(InvalidParameterError, match="no data"):
+        losses.causal_lm_nll([])
+
+
+def test_classification_ce():
+    torch.manual_seed(0)
+    net = nn.Linear(5, 3).double()
+    x, y = torch.randn(7, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2, 2])
+    want = float(F.cross_entropy(net(x), y))
+    for bs in (2, 7):
+        loss = losses.classification_ce(x, y, batch_size=bs, input_name=None)
+        assert float(loss(net)) == pytest.approx(want, rel=1e-12)
+    with pytest.raises(InvalidParameterError, match="labels"):
+        losses.classification_ce(x, y[:3])
+
+
+def test_dpo_loss(model):
+    triples = [(p, a, a[::-1] + [7]) for p, a in token_pairs(4)]
+    same = losses.dpo_loss(copy.deepcopy(model), triples, beta=0.5, batch_size=3)
+    with torch.no_grad():
+        assert float(same(model)) == pytest.approx(math.log(2), rel=1e-12)  # π = π_ref: every margin is zero
+    other = tiny_llama(seed=1)
+    loss = losses.dpo_loss(other, triples, beta=0.5, batch_size=3)
+
+    def seq_logp(m, prompt, answer):
+        ids = torch.tensor([prompt + answer])
+        logp = torch.log_softmax(m(input_ids=ids).logits[0].double(), -1)
+        return sum(float(logp[j - 1, ids[0, j]]) for j in range(len(prompt), ids.shape[1]))
+
+    with torch.no_grad():
+        want = 0.0
+        for p, c, r in triples:
+            margin = (seq_logp(model, p, c) - seq_logp(other, p, c)) - (seq_logp(model, p, r) - seq_logp(other, p, r))
+            want += -math.log(1 / (1 + math.exp(-0.5 * margin)))
+        assert float(loss(model)) == pytest.approx(want / len(triples), rel=1e-10)
+    with pytest.raises(InvalidParameterError, match="beta"):
+        losses.dpo_loss(other, triples, beta=0)
+
+
+def test_term_table_for_figure3(model):
+    """One call: pair + edits + loss -> one row per edit and tensor, with the term, the exact change and ½DᵀHD."""
+    pre = copy.deepcopy(model)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(3)
+        for p in pre.parameters():
+            p.sub_(0.005 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    loss = losses.causal_lm_nll(token_pairs(4), batch_size=2)
+    snap = snapshot(model)
+    edits = [("dare", {"p": 0.5}), "bitdelta", {"method": "extrapolate", "alpha": 0.5}]
+    df = approx.term_table(pre, model, edits, loss, points=2)
+    assert unchanged(model, snap)
+    assert list(df.edit.unique()) == ["dare(p=0.5)", "bitdelta()", "extrapolate(alpha=0.5)"]
+    n_tensors = len(list(model.named_parameters()))
+    assert len(df) == 3 * n_tensors
+    for _, rows in df.groupby("edit"):
+        assert rows.tensor_term.sum() == pytest.approx(rows.term.iloc[0], rel=1e-10)
+        assert rows.term_forward.iloc[0] == 2 * 2 and rows.term_backward.iloc[0] == 2 * 2  # 2 nodes x 2 batches
+    # extrapolation by α = 0.5 is W_post + 0.5·(W_post − W_pre): check the exact change on a model built by hand
+    edited = copy.deepcopy(model)
+    with torch.no_grad():
+        for (_, p), q, r in zip(edited.named_parameters(), model.parameters(), pre.parameters()):
+            p.copy_(q + 0.5 * (q - r))
+        want = float(loss(edited)) - float(loss(model))
+    assert df[df.method == "extrapolate"].loss_change.iloc[0] == pytest.approx(want, rel=1e-6)
+    jvp = approx.term_table(pre, model, ["bitdelta"], loss, points=2, mode="jvp", second_order=False)
+    assert len(jvp) == 1 and math.isnan(jvp.tensor_term[0]) and math.isnan(jvp.second_order[0]) and jvp.term_backward[0] == 0
+    with pytest.raises(InvalidParameterError, match="cannot read edit"):
+        approx.term_table(pre, model, [42], loss)
