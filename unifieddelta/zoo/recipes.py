@@ -26,7 +26,7 @@ class LMRecipe:
     real post-training; the pre-training has to be long enough for the base model to know the facts.
     """
 
-    width: int = 128
+    width: int = 64
     layers: int = 4
     heads: int = 4
     vocab_size: int = 512
@@ -35,15 +35,15 @@ class LMRecipe:
     n_test: int = 100
     # pre-training on statements (causal LM loss on every token)
     pre_docs: int = 20000
-    pre_steps: int = 1500
+    pre_steps: int = 1200
     pre_batch: int = 32
     pre_lr: float = 3e-3
     pre_qa_share: float = 0.15  # share of pre-training documents in question-answer format (other questions)
     # supervised fine-tuning on question -> answer (loss on the answer only)
     sft_examples: int = 6000
-    sft_steps: int = 200
+    sft_steps: int = 300
     sft_batch: int = 32
-    sft_lr: float = 3e-4
+    sft_lr: float = 1e-4
     # DPO from the SFT model on (right, plausible wrong) answers
     dpo_pairs: int = 2000
     dpo_steps: int = 60
@@ -73,13 +73,13 @@ class ViTRecipe:
     layers: int = 4
     heads: int = 4
     seed: int = 0
-    pre_steps: int = 1500
+    pre_steps: int = 600
     pre_batch: int = 64
     pre_lr: float = 2e-3
     probe_c: float = 1.0
-    ft_steps: int = 200
+    ft_steps: int = 250
     ft_batch: int = 64
-    ft_lr: float = 2e-4
+    ft_lr: float = 1.5e-4
 
     def key(self, stage: str, task: str | None = None) -> str:
         """Cache key of the backbone (``pre``) or of one task's pair (``task``)."""
