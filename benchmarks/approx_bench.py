@@ -1,0 +1,193 @@
+"""Approximation term: time and peak memory of ``grad`` vs ``jvp``, and how close each rule gets to the exact change.
+
+On a tiny Llama pair, for DARE p=0.5, BitDelta, low-rank 0.1, magnitude trim 0.1 and extrapolation 0.5:
+- seconds and peak memory of ``approximation_term(points=5, rule="left")`` in ``grad`` and ``jvp`` mode (one run
+  each, the fastest of ``--repeat`` interleaved runs; CPU memory is the peak growth of the resident set over
+  the call, sampled every millisecond with glibc returning freed blocks at once; CUDA memory is
+  ``torch.cuda.max_memory_allocated`` over the call);
+- |term − ΔL| / |ΔL| for the paper's left rule with C = 5 and Gauss–Legendre with 2 and 3 points.
+
+The pair: ``--pair own`` (default) trains one here once (cached): a Llama pre-trained on copying token
+sequences, then fine-tuned (answer tokens only) to reverse them. ``--pair tiny-lm`` uses the zoo's pair
+(``unifieddelta.zoo.load_pair``, trained on first use) with random prompt/answer tokens as data.
+
+    python benchmarks/approx_bench.py [--pair own|tiny-lm] [--device cpu|cuda] [--dtype float64|float32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import threading
+import time
+
+import torch
+
+from unifieddelta import approx, deltas, losses
+
+EDITS = [("dare", {"p": 0.5}), ("bitdelta", {}), ("low_rank", {"rank": 0.1}), ("magnitude_trim", {"keep": 0.1}), ("extrapolate", {"alpha": 0.5})]
+
+
+def _rows(n: int, length: int, vocab: int, seed: int) -> torch.Tensor:
+    return torch.randint(4, vocab, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def own_pair(vocab=128, hidden=64, layers=4, length=12, seed=0):
+    """(pre, post, pairs): pre copies a token sequence after a separator; post was fine-tuned to reverse it.
+
+    Trained once (about a minute on two cores) and cached under the project's cache folder.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from unifieddelta.cache import cache_dir, stable_hash
+
+    test = _rows(32, length, vocab, seed=9)
+    pairs = [(row.tolist() + [3], row.flip(0).tolist()) for row in test]
+    folder = cache_dir("bench", "approx-pair-" + stable_hash(vocab, hidden, layers, length, seed, "v1"))
+    if (folder / "post" / "config.json").exists():
+        return LlamaForCausalLM.from_pretrained(folder / "pre").eval(), LlamaForCausalLM.from_pretrained(folder / "post").eval(), pairs
+
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)  # fmt: skip
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+
+    def train(steps, lr, make, seed):
+        opt = torch.optim.AdamW(model.parameters(), lr=lr)
+        for step in range(steps):
+            x = _rows(32, length, vocab, seed * 100_000 + step)
+            ids, labels = make(x)
+            loss = model(input_ids=ids, labels=labels).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+    sep = torch.full((32, 1), 3)
+    masked = lambda x: torch.full_like(torch.cat([x, sep], 1), -100)  # noqa: E731  (prompt tokens do not count)
+    train(200, 3e-3, lambda x: (torch.cat([x, sep, x], 1),) * 2, seed=1)  # pre-training: the copy task, every token
+    model.save_pretrained(folder / "pre")
+    train(40, 3e-4, lambda x: (torch.cat([x, sep, x.flip(1)], 1), torch.cat([masked(x), x.flip(1)], 1)), seed=2)  # SFT
+    model.save_pretrained(folder / "post")
+    return LlamaForCausalLM.from_pretrained(folder / "pre").eval(), model.eval(), pairs
+
+
+def zoo_pair(n=32, seed=9):
+    from transformers import AutoModelForCausalLM
+
+    from unifieddelta import zoo
+
+    pre_dir, post_dir = zoo.load_pair("tiny-lm", progress=True)
+    pre, post = AutoModelForCausalLM.from_pretrained(pre_dir), AutoModelForCausalLM.from_pretrained(post_dir)
+    vocab = post.config.vocab_size
+    return pre.eval(), post.eval(), [(r[:16].tolist(), r[16:].tolist()) for r in _rows(n, 24, vocab, seed)]
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _malloc_returns_memory() -> None:
+    """Make glibc hand freed tensor memory back at once (mmap for blocks >= 16 KiB), so RSS follows live tensors."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 16384)  # M_MMAP_THRESHOLD
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def measure(fn, device: str, memory: bool = True):
+    """(result, seconds, peak bytes above the level before the call, or 0 if not asked)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        t0 = time.perf_counter()
+        out = fn()
+        torch.cuda.synchronize()
+        return out, time.perf_counter() - t0, torch.cuda.max_memory_allocated() - base
+    if not memory:
+        t0 = time.perf_counter()
+        out = fn()
+        return out, time.perf_counter() - t0, 0
+    _malloc_returns_memory()
+    base, peak, done = _rss(), [0], threading.Event()
+
+    def poll():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss())
+            time.sleep(0.001)
+
+    watcher = threading.Thread(target=poll, daemon=True)
+    watcher.start()
+    t0 = time.perf_counter()
+    try:
+        out = fn()
+    finally:
+        seconds = time.perf_counter() - t0
+        done.set()
+        watcher.join()
+    return out, seconds, max(peak[0], _rss()) - base
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--pair", default="own", choices=["own", "tiny-lm"])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="float64", choices=["float64", "float32"])
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--repeat", type=int, default=2, help="timings: the fastest of this many interleaved runs")
+    args = ap.parse_args()
+    import pandas as pd
+
+    t0 = time.perf_counter()
+    pre, post, pairs = own_pair() if args.pair == "own" else zoo_pair()
+    dtype = getattr(torch, args.dtype)
+    pre, post = pre.to(args.device, dtype), post.to(args.device, dtype)
+    loss = losses.causal_lm_nll(pairs, batch_size=args.batch_size)
+    n_params = sum(p.numel() for p in post.parameters())
+    print(f"pair: {args.pair} ({n_params / 1e6:.2f}M parameters, {post.config.num_hidden_layers} layers, "
+          f"hidden {post.config.hidden_size}), {len(pairs)} (prompt, answer) pairs in {len(loss.batches)} batches, "
+          f"{args.dtype} on {args.device}, attention {post.config._attn_implementation} (jvp: eager); "
+          f"built in {time.perf_counter() - t0:.0f} s")  # fmt: skip
+    with torch.no_grad():
+        print(f"loss at W_pre {float(loss(pre)):.4f}, at W_post {float(loss(post)):.4f}")
+    # load forward-AD's decompositions (a one-time TorchScript cost of seconds) before timing anything
+    some = next(iter(post.named_parameters()))
+    approx.approximation_term(post, {some[0]: torch.zeros_like(some[1])}, loss, points=1, mode="jvp")
+
+    directions = {method: deltas.direction(pre, post, method, seed=0, **params) for method, params in EDITS}
+    term = lambda d, mode: lambda: approx.approximation_term(post, d, loss, points=5, rule="left", mode=mode)  # noqa: E731
+    rows = []
+    for method, params in EDITS:  # time first: the memory probe below slows allocation down
+        d = directions[method]
+        t_grad = t_jvp = float("inf")
+        for _ in range(args.repeat):  # interleaved, the fastest of each: the machine may be shared
+            grad, t, _ = measure(term(d, "grad"), args.device, memory=False)
+            t_grad = min(t, t_grad)
+            fwd, t, _ = measure(term(d, "jvp"), args.device, memory=False)
+            t_jvp = min(t, t_jvp)
+        exact = approx.loss_change(post, d, loss)
+        g2 = approx.approximation_term(post, d, loss, points=2, rule="gauss", mode="jvp").term
+        g3 = approx.approximation_term(post, d, loss, points=3, rule="gauss", mode="jvp").term
+        rel = lambda x: abs(x - exact) / abs(exact)  # noqa: E731
+        label = method + "(" + ", ".join(f"{k}={v}" for k, v in params.items()) + ")"
+        rows.append({
+            "edit": label, "loss change": exact, "left-5 term": grad.term,
+            "grad s": t_grad, "jvp s": t_jvp, "time grad/jvp": t_grad / t_jvp,
+            "|jvp−grad|/|grad|": abs(fwd.term - grad.term) / abs(grad.term),
+            "err left-5": rel(grad.term), "err gauss-2": rel(g2), "err gauss-3": rel(g3),
+        })  # fmt: skip
+    for row, (method, _) in zip(rows, EDITS):
+        m_grad, m_jvp = (measure(term(directions[method], mode), args.device)[2] for mode in ("grad", "jvp"))
+        row.update({"grad MiB": m_grad / 2**20, "jvp MiB": m_jvp / 2**20, "mem grad/jvp": m_grad / max(m_jvp, 1)})
+    table = pd.DataFrame(rows).set_index("edit")
+    with pd.option_context("display.width", 250, "display.max_columns", 30, "display.float_format", "{:.3g}".format):
+        print(table.to_string())
+
+
+if __name__ == "__main__":
+    main()
