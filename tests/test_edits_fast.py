@@ -38,19 +38,15 @@ def test_magnitude_trim_ties_are_kept_in_index_order(keep):
     assert torch.equal(got, ref_trim(delta, keep))
 
 
-def test_kth_smallest_is_exact_also_when_the_sample_misleads():
-    values = torch.cat([torch.zeros(300_000), torch.arange(1, 1001, dtype=torch.float32)])  # the tail is unsampled
+def test_kth_largest_magnitude_is_exact_with_ties_and_structure():
+    values = torch.cat([torch.zeros(300_000), torch.arange(1, 1001, dtype=torch.float32)])
     values = values[torch.randperm(values.numel(), generator=torch.Generator().manual_seed(3))]
-    sorted_values = torch.sort(values).values
-    for k in [1, 299_999, 300_001, 300_500, values.numel()]:
-        value, at_least = edits._kth_smallest(values, k)
-        assert value == sorted_values[k - 1] and at_least == int((values >= value).sum())
-    adversarial = torch.arange(1 << 18, dtype=torch.float32)
-    adversarial[:: (1 << 18) // (1 << 16)] = 0.0  # every sampled entry is zero
-    ref = torch.sort(adversarial).values
-    for k in [1, 70_000, 200_000]:
-        value, at_least = edits._kth_smallest(adversarial, k)
-        assert value == ref[k - 1] and at_least == int((adversarial >= value).sum())
+    values[::2] *= -1
+    ordered = torch.sort(values.abs(), descending=True).values
+    for count in [1, 999, 1000, 1001, 150_000, values.numel()]:
+        value, at_least = edits._kth_largest_magnitude(values, count)
+        assert value == ordered[count - 1] and at_least == int((values.abs() >= value).sum())
+    assert values.abs().max() == 1000  # the input is untouched
 
 
 def test_randomized_low_rank_is_exact_on_a_rank_r_matrix_and_deterministic():

@@ -556,9 +556,9 @@ def _new_tensor(b_full: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     ``d`` is consumed (added to in place) to spare one full-precision copy of the tensor.
     """
     if d.shape == b_full.shape:
-        return d.add_(b_full.to(d.dtype)).to(b_full.dtype)
+        return d.add_(b_full).to(b_full.dtype)  # post promoted on the fly (exactly), no converted copy
     out = b_full.clone()
-    out[: d.shape[0]] = d.add_(b_full[: d.shape[0]].to(d.dtype)).to(b_full.dtype)
+    out[: d.shape[0]] = d.add_(b_full[: d.shape[0]]).to(b_full.dtype)
     return out
 
 

@@ -17,6 +17,7 @@ import inspect
 import math
 from typing import Callable
 
+import numpy as np
 import torch
 
 from .errors import InvalidParameterError, MismatchError
@@ -152,18 +153,17 @@ def bitdelta(
         return (work.sign().mul_(mean) * factor).to(delta.dtype)
     if bits == 0:  # the paper's BitDelta: one magnitude per tensor, no sort needed
         return work.sign().mul_(mean).to(delta.dtype)
-    sign, mag = work.sign(), work.abs()
+    sign, mag = work.sign(), torch.abs(work, out=torch.empty_like(work))  # work.abs() allocates ~10x slower (torch 2.13 CPU)
     n = mag.numel()
     blocks = min(2**bits, n)
-    flat = mag.reshape(-1)
-    order = torch.argsort(flat, stable=True)  # stable: ties go to blocks in index order, deterministically
-    # Sorted position i goes to block floor(i·B/n): B blocks whose sizes differ by at most one.
-    block_of_rank = torch.arange(n, device=work.device, dtype=torch.int64) * blocks // n
-    block = torch.empty_like(block_of_rank).scatter_(0, order, block_of_rank)
-    sums = torch.zeros(blocks, dtype=work.dtype, device=work.device).index_add_(0, block, flat)
-    counts = torch.bincount(block, minlength=blocks).to(work.dtype)
-    means = sums / counts.clamp_min(1)
-    return (sign * (scale * means[block]).reshape(work.shape)).to(delta.dtype)
+    values, order = torch.sort(mag.reshape(-1), stable=True)  # stable: ties go to blocks in index order
+    # Sorted position i goes to block floor(i·B/n): block j holds positions ceil(j·n/B) .. ceil((j+1)·n/B) − 1,
+    # B blocks whose sizes differ by at most one.
+    starts = [-(-j * n // blocks) for j in range(blocks + 1)]
+    counts = torch.tensor([b - a for a, b in zip(starts, starts[1:])], device=work.device)
+    means = torch.segment_reduce(values, "sum", lengths=counts) / counts
+    out = torch.empty_like(values).scatter_(0, order, means.repeat_interleave(counts, output_size=n).mul_(scale))
+    return (sign * out.reshape(work.shape)).to(delta.dtype)
 
 
 def low_rank(delta: torch.Tensor, rank: int | float, svd: str = "exact") -> torch.Tensor:
@@ -228,7 +228,7 @@ def magnitude_trim(delta: torch.Tensor, keep: float) -> torch.Tensor:
     """F(Δ) = M⊙Δ, M = 1 on the round(keep·n) entries of largest |Δ| in this tensor (TIES' trim), 0 elsewhere.
 
     Entries tied at the threshold are kept in index order. The threshold is found by selection, not sorting
-    (:func:`_kth_smallest`).
+    (:func:`_kth_largest_magnitude`).
     """
     keep = _in_range("keep", keep, 0.0, 1.0, lo_open=True, hi_open=False)
     work = _work(delta)
@@ -239,41 +239,32 @@ def magnitude_trim(delta: torch.Tensor, keep: float) -> torch.Tensor:
         return work.to(delta.dtype) if work is not delta else delta.clone()
     if count == 0:
         return torch.zeros_like(delta)
-    mag = flat.abs()
-    threshold, at_least = _kth_smallest(mag, n - count + 1)  # the count-th largest magnitude
-    mask = mag >= threshold
+    threshold, at_least = _kth_largest_magnitude(flat, count)
+    # |Δ| >= t is |Δ| > the float just below t: hardshrink keeps exactly those entries, in one pass.
+    below = torch.nextafter(threshold, threshold.new_tensor(-math.inf)).item()
+    out = torch.nn.functional.hardshrink(flat, below) if below >= 0 else flat.clone()
     excess = at_least - count
     if excess > 0:  # ties at the threshold: drop the last ones in index order
-        ties = (mag == threshold).nonzero().squeeze(1)
-        mask[ties[ties.numel() - excess :]] = False
-    return torch.where(mask, flat, 0.0).reshape(work.shape).to(delta.dtype)
+        ties = (flat.abs() == threshold).nonzero().squeeze(1)
+        out[ties[ties.numel() - excess :]] = 0.0
+    return out.reshape(work.shape).to(delta.dtype)
 
 
-def _kth_smallest(values: torch.Tensor, k: int, sample_size: int = 1 << 16) -> tuple[torch.Tensor, int]:
-    """The k-th smallest (1-based) of a 1-D tensor, exactly, and how many entries are >= it; at the cost of a few
-    passes instead of a full select.
+def _kth_largest_magnitude(flat: torch.Tensor, count: int) -> tuple[torch.Tensor, int]:
+    """The count-th largest |entry| of a 1-D tensor, exactly, and how many entries have |entry| >= it.
 
-    A strided sample brackets the answer; only the entries inside the bracket are selected from. If the bracket
-    misses (unlucky or adversarial data), the whole tensor is selected from: the result is exact either way.
+    On the CPU numpy's introselect (``ndarray.partition``, in place on |Δ|) finds it in a few passes over
+    memory, where ``torch.kthvalue`` and ``torch.topk`` take about ten times as long; elsewhere ``torch.kthvalue``.
     """
-    n = values.numel()
-    step = n // sample_size
-    if step <= 1:
-        value = torch.kthvalue(values, k).values
-        return value, int((values >= value).sum())
-    sample = values[::step]
-    s = sample.numel()
-    centre, margin = (k - 1) / (n - 1) * (s - 1), 4.0 * math.sqrt(s) + 8  # about ±4 standard deviations
-    lo_rank, hi_rank = math.floor(centre - margin) + 1, math.ceil(centre + margin) + 1
-    lo = torch.kthvalue(sample, lo_rank).values if lo_rank >= 1 else values.new_tensor(-math.inf)
-    hi = torch.kthvalue(sample, hi_rank).values if hi_rank <= s else values.new_tensor(math.inf)
-    below = int((values < lo).sum())
-    inside = values[(values >= lo) & (values <= hi)]
-    if below < k <= below + inside.numel():
-        value = torch.kthvalue(inside, k - below).values
-        return value, n - below - int((inside < value).sum())  # all below lo are < value, all above hi are > it
-    value = torch.kthvalue(values, k).values
-    return value, int((values >= value).sum())
+    n = flat.numel()
+    if flat.device.type == "cpu":
+        mag = np.abs(flat.detach().numpy())
+        mag.partition(n - count)  # mag[n - count] in its sorted place; <= before it, >= after it
+        value = mag[n - count]
+        return torch.as_tensor(value), count + int(np.count_nonzero(mag[: n - count] == value))
+    mag = flat.abs()
+    value = torch.kthvalue(mag, n - count + 1).values
+    return value, int(torch.count_nonzero(mag >= value))
 
 
 def extrapolate(delta: torch.Tensor, alpha: float) -> torch.Tensor:
