@@ -7,11 +7,12 @@ On a tiny Llama pair, for DARE p=0.5, BitDelta, low-rank 0.1, magnitude trim 0.1
   ``torch.cuda.max_memory_allocated`` over the call);
 - |term − ΔL| / |ΔL| for the paper's left rule with C = 5 and Gauss–Legendre with 2 and 3 points.
 
-The pair: ``--pair own`` (default) trains one here once (cached): a Llama pre-trained on copying token
-sequences, then fine-tuned (answer tokens only) to reverse them. ``--pair tiny-lm`` uses the zoo's pair
-(``unifieddelta.zoo.load_pair``, trained on first use) with random prompt/answer tokens as data.
+The pair: ``--pair tiny-lm`` is the zoo's (``unifieddelta.zoo.load_pair``, trained on first use), with 8
+held-out questions per task and their answers as data; ``--pair own`` trains a smaller one here once (cached):
+a Llama pre-trained on copying token sequences, then fine-tuned (answer tokens only) to reverse them. The
+default, ``auto``, takes the zoo's pair if it is already built and the own pair otherwise.
 
-    python benchmarks/approx_bench.py [--pair own|tiny-lm] [--device cpu|cuda] [--dtype float64|float32]
+    python benchmarks/approx_bench.py [--pair auto|own|tiny-lm] [--device cpu|cuda] [--dtype float64|float32]
 """
 
 from __future__ import annotations
@@ -71,15 +72,20 @@ def own_pair(vocab=128, hidden=64, layers=4, length=12, seed=0):
     return LlamaForCausalLM.from_pretrained(folder / "pre").eval(), model.eval(), pairs
 
 
-def zoo_pair(n=32, seed=9):
-    from transformers import AutoModelForCausalLM
+def zoo_pair(per_task=8):
+    """(pre, post, pairs) of the zoo's ``tiny-lm`` (pre-trained -> SFT), with held-out task questions as data."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from unifieddelta import zoo
+    from unifieddelta.tasks import generate
 
     pre_dir, post_dir = zoo.load_pair("tiny-lm", progress=True)
+    tok = AutoTokenizer.from_pretrained(post_dir)
+    docs = [d for task in generate.TASKS for d in generate.test_docs(task)[:per_task]]
+    texts = [(generate.prompt(d["question"]), " " + d["answer"]) for d in docs]
+    pairs = [(tok(q)["input_ids"], tok(a)["input_ids"] + [tok.eos_token_id]) for q, a in texts]  # as the zoo's SFT
     pre, post = AutoModelForCausalLM.from_pretrained(pre_dir), AutoModelForCausalLM.from_pretrained(post_dir)
-    vocab = post.config.vocab_size
-    return pre.eval(), post.eval(), [(r[:16].tolist(), r[16:].tolist()) for r in _rows(n, 24, vocab, seed)]
+    return pre.eval(), post.eval(), pairs
 
 
 def _rss() -> int:
@@ -135,7 +141,7 @@ def measure(fn, device: str, memory: bool = True):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--pair", default="own", choices=["own", "tiny-lm"])
+    ap.add_argument("--pair", default="auto", choices=["auto", "own", "tiny-lm"], help="auto: tiny-lm if the zoo has built it")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float64", choices=["float64", "float32"])
     ap.add_argument("--batch-size", type=int, default=8)
@@ -144,6 +150,10 @@ def main() -> None:
     import pandas as pd
 
     t0 = time.perf_counter()
+    if args.pair == "auto":
+        from unifieddelta import zoo
+
+        args.pair = "tiny-lm" if zoo.describe("tiny-lm")["built"] else "own"
     pre, post, pairs = own_pair() if args.pair == "own" else zoo_pair()
     dtype = getattr(torch, args.dtype)
     pre, post = pre.to(args.device, dtype), post.to(args.device, dtype)

@@ -91,7 +91,7 @@ def quadrature(points: int, rule: str = "left") -> tuple[list[float], list[float
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def _directions(model: nn.Module, direction: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def _directions(model: nn.Module, direction: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, ...]]:
     """name -> (parameter, D cast to the parameter's dtype and device), after checking names, shapes and finiteness."""
     params = dict(model.named_parameters())
     unknown = [n for n in direction if n not in params]
@@ -139,7 +139,8 @@ def _parts(loss_fn: LossFn) -> list[LossFn]:
 
 
 def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _all_reduce(x: torch.Tensor) -> torch.Tensor:
@@ -234,7 +235,9 @@ def approximation_term(
                     loss = _call(model, part, x, t)
                     if local:
                         _check_finite(loss, t)
-                    grads = torch.autograd.grad(loss, list(x.values()), allow_unused=True) if loss.requires_grad else [None] * len(x)
+                    grads = [None] * len(x)  # a loss that does not depend on the parameters: zero gradient
+                    if loss.requires_grad:
+                        grads = torch.autograd.grad(loss, list(x.values()), allow_unused=True)
                     for i, (g, (_, d)) in enumerate(zip(grads, dirs.values())):
                         vals[k, i] += _dot(g, d)
                 else:
@@ -326,7 +329,8 @@ def _edit_spec(edit) -> tuple[str, dict]:
         return params.pop("method"), params
     if isinstance(edit, Sequence) and len(edit) == 2 and isinstance(edit[0], str) and isinstance(edit[1], Mapping):
         return edit[0], dict(edit[1])
-    raise InvalidParameterError(f"cannot read edit {edit!r}: expected 'method', ('method', {{params}}) or {{'method': ..., params}}")
+    raise InvalidParameterError(
+        f"cannot read edit {edit!r}: expected 'method', ('method', {{params}}) or {{'method': ..., params}}")
 
 
 def term_table(
@@ -369,11 +373,13 @@ def term_table(
         t2 = time.perf_counter()
         so = second_order_term(post, d, loss_fn) if second_order else math.nan
         t3 = time.perf_counter()
-        common = dict(edit=label, method=method, params=json.dumps(params, sort_keys=True, default=str), term=res.term,
-                      loss_change=change, second_order=so, term_forward=res.forward_passes, term_backward=res.backward_passes,
+        common = dict(edit=label, method=method, params=json.dumps(params, sort_keys=True, default=str),
+                      term=res.term, loss_change=change, second_order=so,
+                      term_forward=res.forward_passes, term_backward=res.backward_passes,
                       term_seconds=t1 - t0, loss_change_seconds=t2 - t1, second_order_seconds=t3 - t2)  # fmt: skip
         split = res.per_tensor or {None: math.nan}
         rows += [dict(common, tensor=name, tensor_term=value) for name, value in split.items()]
     columns = ["edit", "method", "params", "tensor", "tensor_term", "term", "loss_change", "second_order",
-               "term_forward", "term_backward", "term_seconds", "loss_change_seconds", "second_order_seconds"]  # fmt: skip
+               "term_forward", "term_backward",
+               "term_seconds", "loss_change_seconds", "second_order_seconds"]  # fmt: skip
     return pd.DataFrame(rows, columns=columns)

@@ -21,9 +21,9 @@ IGNORE = -100  # label of a token that does not count (prompt, padding), as in H
 
 
 class BatchLoss:
-    """A mean over fixed batches: ``batch_sum(model, batch)`` sums the loss over one batch, ``total`` counts the data."""
+    """A mean over fixed batches: ``batch_sum(model, batch)`` sums the loss over a batch, ``total`` counts the data."""
 
-    def __init__(self, batches: list[Any], batch_sum: Callable[[nn.Module, Any], torch.Tensor], total: float, name: str):
+    def __init__(self, batches: list, batch_sum: Callable[[nn.Module, Any], torch.Tensor], total: float, name: str):
         if not batches or total <= 0:
             raise InvalidParameterError(f"{name}: no data to compute a loss on")
         self.batches, self.batch_sum, self.total, self.name = batches, batch_sum, float(total), name
@@ -93,7 +93,9 @@ def _token_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[t
     return logp * mask, mask
 
 
-def causal_lm_nll(pairs: Sequence[tuple], tokenizer=None, *, batch_size: int = 8, max_length: int | None = None) -> BatchLoss:
+def causal_lm_nll(
+    pairs: Sequence[tuple], tokenizer=None, *, batch_size: int = 8, max_length: int | None = None
+) -> BatchLoss:
     """Mean negative log-likelihood per answer token of (prompt, answer) pairs, prompt tokens masked.
 
     Pairs are strings (with a tokenizer; the prompt gets the tokenizer's special tokens, the answer none) or
@@ -114,7 +116,9 @@ def causal_lm_nll(pairs: Sequence[tuple], tokenizer=None, *, batch_size: int = 8
 # ---------------------------------------------------------------------------------------------- classification
 
 
-def classification_ce(inputs: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 64, input_name: str | None = "pixel_values") -> BatchLoss:
+def classification_ce(
+    inputs: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 64, input_name: str | None = "pixel_values"
+) -> BatchLoss:
     """Mean cross-entropy of a classifier over fixed examples (``model(**{input_name: x}).logits``, or ``model(x)``)."""
     if len(inputs) != len(labels):
         raise InvalidParameterError(f"{len(inputs)} inputs but {len(labels)} labels")
@@ -135,7 +139,13 @@ def classification_ce(inputs: torch.Tensor, labels: torch.Tensor, *, batch_size:
 
 
 def dpo_loss(
-    reference: nn.Module, triples: Sequence[tuple], tokenizer=None, *, beta: float = 0.1, batch_size: int = 8, max_length: int | None = None
+    reference: nn.Module,
+    triples: Sequence[tuple],
+    tokenizer=None,
+    *,
+    beta: float = 0.1,
+    batch_size: int = 8,
+    max_length: int | None = None,
 ) -> BatchLoss:
     """Mean DPO loss −log σ(β[(log π(y_w|x) − log π_ref(y_w|x)) − (log π(y_l|x) − log π_ref(y_l|x))]).
 
@@ -147,7 +157,8 @@ def dpo_loss(
     pad_id = getattr(tokenizer, "pad_token_id", None) or 0
     batches = []
     for chunk in _chunks(list(triples), batch_size):  # one batch: the chosen rows, then the rejected rows
-        rows = [_encode(p, c, tokenizer, max_length) for p, c, _ in chunk] + [_encode(p, r, tokenizer, max_length) for p, _, r in chunk]
+        rows = [_encode(p, c, tokenizer, max_length) for p, c, _ in chunk]
+        rows += [_encode(p, r, tokenizer, max_length) for p, _, r in chunk]
         batches.append(_pad(rows, pad_id))
     ref_cache: dict[int, torch.Tensor] = {}
 
