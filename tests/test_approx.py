@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from _approx_models import random_direction, snapshot, tiny_llama, token_pairs, unchanged
@@ -236,3 +237,20 @@ def test_loss_raising_midway_restores_llama(llama, mode):
     calls.clear()
     _raises_restored(model, RuntimeError, "data loader died", lambda: approx.second_order_term(model, d, lambda m: (flaky(m), flaky(m), flaky(m))[0]))
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_jvp_without_forward_derivative_says_so():
+    """A model calling a fused attention kernel itself (no Hugging Face switch to eager): a clear error, model intact."""
+
+    class Fused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(1, 1, 4, 8))
+
+        def forward(self):
+            return F.scaled_dot_product_attention(self.w, self.w, self.w).sum()
+
+    model = Fused()
+    d = {"w": torch.ones(1, 1, 4, 8)}
+    assert approx.approximation_term(model, d, loss_of, points=1, mode="grad").term != 0
+    _raises_restored(model, NotImplementedError, "mode='grad'", lambda: approx.approximation_term(model, d, loss_of, mode="jvp"))

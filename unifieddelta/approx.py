@@ -241,7 +241,12 @@ def approximation_term(
                     for i, (g, (_, d)) in enumerate(zip(grads, dirs.values())):
                         vals[k, i] += _dot(g, d)
                 else:
-                    loss, df = jvp(lambda x: _call(model, part, x, t), (at,), ({n: d for n, (_, d) in dirs.items()},))
+                    tangents = {n: d for n, (_, d) in dirs.items()}
+                    try:
+                        loss, df = jvp(lambda x: _call(model, part, x, t), (at,), (tangents,))
+                    except NotImplementedError as e:  # e.g. a fused attention kernel outside Hugging Face's switch
+                        raise NotImplementedError(f"{e}\nmode='jvp' needs forward-mode derivatives of every op the "
+                                                  "model runs; use mode='grad' or a plain-PyTorch attention") from e
                     if local:
                         _check_finite(loss, t)
                     vals[k, 0] += float(df.double())
