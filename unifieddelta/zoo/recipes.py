@@ -83,6 +83,8 @@ class ViTRecipe:
 
     def key(self, stage: str, task: str | None = None) -> str:
         """Cache key of the backbone (``pre``) or of one task's pair (``task``)."""
+        from .vit import DATA_VERSION
+
         if stage == "pre":
-            return stable_hash("tiny-vit", "pre", _fields(self, ("",), ("probe_", "ft_")))
-        return stable_hash("tiny-vit", "task", task, _fields(self, ("",)))
+            return stable_hash("tiny-vit", "pre", DATA_VERSION, _fields(self, ("",), ("probe_", "ft_")))
+        return stable_hash("tiny-vit", "task", DATA_VERSION, task, _fields(self, ("",)))
