@@ -1,8 +1,10 @@
 """Pairs of checkpoints -> named deltas; edits applied tensor by tensor; edited checkpoints written shard by shard.
 
 A side (pre or post) is a local Hugging Face folder, a hub id, or an ``nn.Module``. Folders are read lazily:
-safetensors tensor by tensor, so neither model is ever whole in memory; ``pytorch_model*.bin`` shards are
-memory-mapped. The edit methods (``edits.py``) never know where their tensors come from.
+safetensors tensor by tensor with plain file reads (so the file's pages never count as this process's memory),
+neither model is ever whole in memory; ``pytorch_model*.bin`` shards are memory-mapped. Edited checkpoints are
+written tensor by tensor, and entry-wise edits of large tensors in row blocks, so memory stays at a few tensors
+(or blocks) whatever the checkpoint's size. The edit methods (``edits.py``) never know where tensors come from.
 
 Arithmetic is in float64 and rounded once: the edited tensor is ``W_post + D`` with ``D = F(ΔW) − ΔW``, so an
 identity edit (D = 0 exactly) gives back post bit for bit whatever its dtype.
