@@ -82,7 +82,7 @@ def _pad(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torc
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def _token_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def token_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(token | earlier tokens) at every labelled position (0 elsewhere), and the mask of those positions."""
     dev = _device(model)
     logits = model(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev)).logits
@@ -107,7 +107,7 @@ def causal_lm_nll(
     total = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
 
     def batch_sum(model, batch):
-        logp, _ = _token_logprobs(model, batch)
+        logp, _ = token_logprobs(model, batch)
         return -logp.sum()
 
     return BatchLoss(batches, batch_sum, total, "causal_lm_nll")
@@ -163,7 +163,7 @@ def dpo_loss(
     ref_cache: dict[int, torch.Tensor] = {}
 
     def seq_logp(model, batch):
-        logp, _ = _token_logprobs(model, batch)
+        logp, _ = token_logprobs(model, batch)
         return logp.sum(-1)
 
     def batch_sum(model, batch):

@@ -193,9 +193,9 @@ def _heldout_preference(recipe: LMRecipe, parent: Path, model, tokenizer) -> dic
 
 def _margins(model, batch) -> torch.Tensor:
     """log π(chosen) − log π(rejected) per pair of a ``dpo_loss`` batch (chosen rows first)."""
-    from ..losses import _token_logprobs
+    from ..losses import token_logprobs
 
-    logp = _token_logprobs(model, batch)[0].sum(-1)
+    logp = token_logprobs(model, batch)[0].sum(-1)
     n = len(logp) // 2
     return logp[:n] - logp[n:]
 
