@@ -2,7 +2,6 @@
 
 import json
 import re
-import time
 
 import pytest
 import torch
@@ -82,9 +81,7 @@ def test_tasks_run_offline_through_lm_eval_on_an_in_memory_model():
 
     model, tok = _tiny_lm()
     model.train()
-    start = time.perf_counter()
     df = evaluate_lm(model, tok, limit=4)
-    assert time.perf_counter() - start < 60
     assert model.training  # the caller's mode is restored
     assert list(df.columns) == ["task", "metric", "value", "stderr"]
     assert set(df["task"]) == set(task_names())
