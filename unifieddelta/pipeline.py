@@ -8,6 +8,7 @@ replaces ``_build/html`` when the whole build succeeded.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -90,6 +91,7 @@ def plan(profile: dict, root: Path) -> list[NotebookRun]:
     return runs
 
 
+@functools.lru_cache(maxsize=1)
 def _package_digest() -> str:
     """A hash of the package's own code, so a changed module re-executes the notebooks that use it."""
     files = sorted(p for p in PACKAGE_DIR.rglob("*") if p.suffix in (".py", ".yaml") and "__pycache__" not in p.parts)
@@ -126,7 +128,9 @@ def execute(run: NotebookRun, *, force: bool = False, cwd: Path | None = None) -
         finally:
             tmp.unlink(missing_ok=True)
         executed = True
-    atomic_write_bytes(run.output, cached.read_bytes())
+    data = cached.read_bytes()
+    if not run.output.is_file() or run.output.read_bytes() != data:  # unchanged: Sphinx need not re-read it
+        atomic_write_bytes(run.output, data)
     return executed
 
 
