@@ -30,6 +30,29 @@ def flat(t):
 # --- references: plain Python loops over elements, in float64 -----------------------------------------------
 
 
+M32 = 0xFFFFFFFF
+
+
+def ref_uniforms(n, generator, offset=0):
+    """DARE's documented stream, entry by entry in Python integers: u_i = (H(i) >> 8) / 2^24 with
+    H(i) = lowbias32(lowbias32(i mod 2^31 ^ k0) ^ (k1 + i div 2^31)), (k0, k1) one randint draw of the generator."""
+    k0, k1 = torch.randint(0, 2**32, (2,), generator=generator).tolist()
+
+    def lowbias32(x):
+        x ^= x >> 16
+        x = (x * 0x7FEB352D) & M32
+        x ^= x >> 15
+        x = (x * 0x846CA68B) & M32
+        return x ^ (x >> 16)
+
+    return [(lowbias32(lowbias32((i % 2**31) ^ k0) ^ ((k1 + i // 2**31) & M32)) >> 8) / 2**24
+            for i in range(offset, offset + n)]
+
+
+def ref_mask(shape, p, generator, offset=0):
+    return torch.tensor([u < p for u in ref_uniforms(math.prod(shape), generator, offset)]).reshape(shape)
+
+
 def ref_masked_rescale(delta, mask, p, k):
     out = [(k * d if m else (1 - k * p) / (1 - p) * d) for d, m in zip(flat(delta), flat(mask))]
     return torch.tensor(out, dtype=torch.float64).reshape(delta.shape)
@@ -58,7 +81,7 @@ def ref_bitdelta(delta, bits, scale=1.0):
 @pytest.mark.parametrize("p,k", [(0.3, 0.0), (0.7, 0.5), (0.5, -1.0), (0.9, 0.8)])
 def test_dare_matches_loop_given_the_same_draws(p, k):
     delta = rand(7, 5, seed=1)
-    mask = torch.rand(delta.shape, generator=gen(4)) < p  # the draw dare makes from the same generator
+    mask = ref_mask(delta.shape, p, gen(4))  # the stream dare draws from the same generator
     got = edits.dare(delta, p, k, generator=gen(4))
     torch.testing.assert_close(got, ref_masked_rescale(delta, mask, p, k), rtol=1e-15, atol=0)
 
@@ -83,17 +106,57 @@ def test_dare_drop_rate_is_p(p):
 def test_dare_negative_k_flips_the_dropped_signs():
     delta = rand(1000, seed=6)
     got = edits.dare(delta, 0.4, -1.0, generator=gen(7))
-    mask = torch.rand(delta.shape, generator=gen(7)) < 0.4
+    mask = ref_mask(delta.shape, 0.4, gen(7))
     assert torch.equal(got[mask], -delta[mask])
     assert (torch.sign(got[~mask]) == torch.sign(delta[~mask])).all()
 
 
 def test_drop_only_matches_loop_and_does_not_rescale():
     delta = rand(9, 4, seed=8)
-    mask = torch.rand(delta.shape, generator=gen(1)) < 0.6
+    mask = ref_mask(delta.shape, 0.6, gen(1))
     ref = torch.tensor([0.0 if m else d for d, m in zip(flat(delta), flat(mask))], dtype=torch.float64)
     assert torch.equal(edits.drop_only(delta, 0.6, generator=gen(1)), ref.reshape(delta.shape))
     assert torch.equal(edits.drop_only(delta, 1.0, generator=gen(1)), torch.zeros_like(delta))
+
+
+def test_stream_matches_reference_across_the_2_31_boundary_and_in_blocks():
+    start = 2**31 - 300  # the counter's low word wraps inside this stretch
+    got = edits.uniform_bits(600, edits.stream_key(gen(3)), offset=start)
+    assert got.tolist() == [int(u * 2**24) for u in ref_uniforms(600, gen(3), offset=start)]
+    delta = rand(50, 40, seed=4)
+    whole = edits.dare(delta, 0.6, 0.5, generator=gen(9))
+    blocks = [edits.dare(delta[r:r + 7], 0.6, 0.5, generator=gen(9), offset=r * 40) for r in range(0, 50, 7)]
+    assert torch.equal(torch.cat(blocks), whole)
+    big = rand(4, seed=5)
+    torch.testing.assert_close(edits.dare(big, 0.5, generator=gen(2), offset=start),
+                               ref_masked_rescale(big, ref_mask(big.shape, 0.5, gen(2), start), 0.5, 0.0),
+                               rtol=1e-15, atol=0)
+
+
+def test_stream_is_uniform_and_independent_across_keys_and_neighbours():
+    n = 1 << 18
+    a = edits.uniform_bits(n, edits.stream_key(gen(1))).double() / 2**24
+    b = edits.uniform_bits(n, edits.stream_key(gen(2))).double() / 2**24
+    counts = torch.histc(a, bins=64, min=0, max=1)
+    chi2 = (((counts - n / 64) ** 2) / (n / 64)).sum().item()
+    assert chi2 < 63 + 5 * math.sqrt(2 * 63)  # chi-square with 63 degrees of freedom, 5 sigma
+    for x, y in [(a, b), (a[:-1], a[1:]), (a[:-1024], a[1024:])]:  # other key; next entry; next row of 1024
+        r = torch.corrcoef(torch.stack([x, y]))[0, 1].item()
+        assert abs(r) < 5 / math.sqrt(x.numel())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("p,k", [(0.9, 0.0), (0.5, -1.0)])
+def test_fused_dare_gives_the_eager_bits(dtype, p, k, monkeypatch):
+    delta = rand(edits.FUSE_MIN_NUMEL // 512 + 3, 512, seed=6, dtype=dtype)  # just above the fusing size
+    fused = edits.dare(delta, p, k, generator=gen(8))
+    if edits._compile_failed:
+        pytest.skip(f"torch.compile unavailable here: {edits._compile_failed[0]}")
+    monkeypatch.setenv("UNIFIEDDELTA_COMPILE", "0")
+    eager = edits.dare(delta, p, k, generator=gen(8))
+    assert fused.dtype == dtype and torch.equal(fused, eager)
+    dropped = eager.eq(0) if k == 0 else torch.sign(eager) != torch.sign(delta)
+    assert abs(dropped.double().mean().item() - p) < 0.01
 
 
 def test_dare_with_peft_mask_matches_peft_random_pruning():
@@ -341,9 +404,13 @@ def test_registry_and_generator_needs():
         lambda d: edits.bitdelta(d, 2, magnitudes="normal"),
         lambda d: edits.extrapolate(d, float("nan")),
         lambda d: edits.extrapolate(d.long(), 0.5),
+        lambda d: edits.dare(d.long(), 0.5),
+        lambda d: edits.dare(d, 0.5, offset=-1),
+        lambda d: edits.drop_only(d, 0.5, offset=2.0),
     ],
     ids=["p=1", "p<0", "p=nan", "k=inf", "drop p>1", "keep=0", "keep>1", "rank>min", "rank=0.0", "rank<0",
-         "bits<0", "bits float", "scale<0", "magnitudes", "bits+random", "alpha nan", "integer delta"],
+         "bits<0", "bits float", "scale<0", "magnitudes", "bits+random", "alpha nan", "integer delta",
+         "integer dare", "offset<0", "offset float"],
 )  # fmt: skip
 def test_parameters_out_of_range_raise(call):
     with pytest.raises(InvalidParameterError):

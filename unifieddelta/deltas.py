@@ -484,10 +484,12 @@ def _prepare(method: str, params: dict[str, Any], grad) -> Callable[[str, torch.
     except InvalidParameterError as e:
         raise InvalidParameterError(f"{method}: {e}") from None
 
-    def run(name: str, delta: torch.Tensor, seed: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    def run(name: str, delta: torch.Tensor, seed: int, offset: int = 0) -> torch.Tensor:
         kwargs = dict(params)
         if random:
-            kwargs["generator"] = generator or tensor_generator(seed, name)
+            kwargs["generator"] = tensor_generator(seed, name)
+        if offset and random:  # a row block of a random entry-wise edit: its first entry's index in the tensor
+            kwargs["offset"] = offset
         args = [delta]
         if edits.needs_grad(method):
             if name not in grad:
@@ -528,13 +530,13 @@ BLOCK_BYTES = 64 << 20
 
 
 def _edited_blocks(run, e: Entry, pre: Checkpoint, post: Checkpoint, seed: int, compute_dtype: torch.dtype):
-    """W_post + D of one entry in row blocks, for entry-wise edits (``edits.ELEMENTWISE``): the generator runs on
-    from block to block, so the blocks put together are exactly the tensor edited whole, in a fraction of the
-    memory (a few blocks instead of a few copies of the tensor)."""
+    """W_post + D of one entry in row blocks, for entry-wise edits (``edits.ELEMENTWISE``): each block draws its
+    stretch of the tensor's counter-based random stream (``offset``), so the blocks put together are exactly the
+    tensor edited whole, in a fraction of the memory (a few blocks instead of a few copies of the tensor)."""
     shape = post.shapes[e.name]
     edit_rows = e.rows if e.kind == "grown" else shape[0]
-    step = max(1, BLOCK_BYTES // max(1, math.prod(shape[1:]) * compute_dtype.itemsize))
-    generator = tensor_generator(seed, e.name)
+    row = math.prod(shape[1:])
+    step = max(1, BLOCK_BYTES // max(1, row * compute_dtype.itemsize))
     for r0 in range(0, shape[0], step):
         r1 = min(shape[0], r0 + step)
         b = post.rows(e.name, r0, r1)
@@ -543,7 +545,7 @@ def _edited_blocks(run, e: Entry, pre: Checkpoint, post: Checkpoint, seed: int, 
             continue
         cut = min(r1, edit_rows) - r0
         delta = _delta(e.name, pre.rows(e.name, r0, r0 + cut), b[:cut], compute_dtype, rows=(r0, r0 + cut))
-        edited = run(e.name, delta, seed, generator)
+        edited = run(e.name, delta, seed, r0 * row)
         yield _new_tensor(b, (edited.clone() if edited is delta else edited).sub_(delta))
 
 

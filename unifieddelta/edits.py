@@ -4,6 +4,9 @@ Each function is pure: it never modifies its input, returns a tensor of the inpu
 computes in float32 or better (float64 stays float64; bf16 and fp16 are promoted) so that half-precision
 checkpoints are not edited in half precision. Random edits take a ``torch.Generator``; the caller derives it
 from (seed, tensor name) so results do not depend on order, sharding or threads (see ``deltas.tensor_generator``).
+DARE's masks come from a counter-based stream keyed by that generator (:func:`uniform_bits`), so a tensor edited
+in row blocks gives the same bits as edited whole, and the mask costs a few integer operations per entry, fused
+with the rescale into one pass over memory (:func:`_fused`).
 The methods never know where tensors come from: loading and writing checkpoints lives in ``deltas.py``.
 
 The paper's unified view in one line: the edited model is ``W_post + D`` with ``D = F(ΔW) − ΔW``; DARE,
@@ -15,6 +18,8 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
+import warnings
 from typing import Callable
 
 import numpy as np
@@ -24,6 +29,8 @@ from .errors import InvalidParameterError, MismatchError
 
 __all__ = [
     "masked_rescale",
+    "uniform_bits",
+    "stream_key",
     "dare",
     "drop_only",
     "bitdelta",
@@ -77,6 +84,137 @@ def _draw(sampler: Callable[..., torch.Tensor], like: torch.Tensor, generator: t
     return sampler(like.shape, generator=generator, device=device, dtype=torch.float32).to(like.device)
 
 
+# --- fused kernels -------------------------------------------------------------------------------------------
+
+#: Tensors with at least this many entries run their elementwise kernels compiled (torch.compile fuses the
+#: integer hash, the threshold and the rescale into one C++ loop); smaller ones run eagerly (same bits).
+FUSE_MIN_NUMEL = 1 << 20
+_compiled: dict[Callable, Callable] = {}
+_compile_failed: list[str] = []
+
+
+def _fused(kernel: Callable[..., torch.Tensor], *args) -> torch.Tensor:
+    """``kernel(*args)``, compiled for large CPU tensors when a C++ compiler is at hand, eager otherwise.
+
+    Kernels use only elementwise integer operations and single float roundings, so both paths give the same bits
+    (tested). ``UNIFIEDDELTA_COMPILE=0`` turns compilation off; a failed compilation warns once and falls back.
+    """
+    x = args[0]
+    if (x.numel() < FUSE_MIN_NUMEL or x.device.type != "cpu" or _compile_failed
+            or os.environ.get("UNIFIEDDELTA_COMPILE", "1") == "0"):
+        return kernel(*args)
+    if kernel not in _compiled:
+        _compiled[kernel] = torch.compile(kernel, dynamic=True, fullgraph=True)
+    try:
+        return _compiled[kernel](*args)
+    except Exception as e:  # no compiler, no Python headers, an inductor bug: the eager kernel is the same math
+        _compile_failed.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        warnings.warn(f"torch.compile is unavailable here ({_compile_failed[0]}); edits run unfused (same results, "
+                      "several times slower). Set UNIFIEDDELTA_COMPILE=0 to skip the attempt.", RuntimeWarning,
+                      stacklevel=3)
+        return kernel(*args)
+
+
+# --- the random stream of DARE's masks ----------------------------------------------------------------------
+#
+# Entry i (row-major index in the whole tensor) gets the 24-bit uniform  u_i = (H(i) >> 8) / 2^24  with
+#     H(i) = mix(mix(lo ^ k0) ^ (k1 + hi)),   lo = i mod 2^31,  hi = i div 2^31,   all arithmetic mod 2^32,
+# mix = Chris Wellons' "lowbias32" integer hash, and (k0, k1) two 32-bit words drawn once from the generator
+# (:func:`stream_key`). A counter-based stream: any block of a tensor can be drawn on its own (``offset``), in
+# any order, on any number of threads or devices, with the same result, at the cost of ~20 integer operations
+# per entry (a Mersenne-Twister ``torch.rand`` is sequential: 20x the time of a copy on 2 cores).
+
+_U32 = 0xFFFFFFFF
+
+
+def _i32(value: int) -> int:
+    """A 32-bit word as the signed int32 torch stores it."""
+    value &= _U32
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
+_MIX_A, _MIX_B = _i32(0x7FEB352D), _i32(0x846CA68B)
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 on int32 tensors holding 32-bit words (``& mask`` after ``>>``: a logical shift)."""
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * _MIX_A  # wraps mod 2^32
+    x = x ^ ((x >> 15) & 0x1FFFF)
+    x = x * _MIX_B
+    return x ^ ((x >> 16) & 0xFFFF)
+
+
+def stream_key(generator: torch.Generator | None) -> tuple[int, int]:
+    """The two 32-bit words (k0, k1) keying a tensor's stream: one draw from the generator (global RNG if None)."""
+    device = generator.device if generator is not None else "cpu"
+    k0, k1 = torch.randint(0, 1 << 32, (2,), generator=generator, device=device, dtype=torch.int64).tolist()
+    return k0, k1
+
+
+def _pieces(offset: int, n: int):
+    """Split the counters offset .. offset+n−1 where i div 2^31 changes: (start within the block, length, lo, hi)."""
+    start = 0
+    while start < n:
+        i = offset + start
+        lo, hi = i & 0x7FFFFFFF, i >> 31
+        length = min(n - start, (1 << 31) - lo)
+        yield start, length, lo, hi
+        start += length
+
+
+def _bits_kernel(like: torch.Tensor, lo: torch.Tensor, k0: torch.Tensor, k1: torch.Tensor) -> torch.Tensor:
+    i = torch.arange(like.numel(), dtype=torch.int32, device=like.device) + lo
+    return (_mix(_mix(i ^ k0) ^ k1) >> 8) & 0xFFFFFF
+
+
+def uniform_bits(n: int, key: tuple[int, int], offset: int = 0, device: str | torch.device = "cpu") -> torch.Tensor:
+    """The stream's 24-bit integers ``floor(u_i·2^24)`` for entries offset .. offset+n−1, as int32."""
+    out = torch.empty(n, dtype=torch.int32, device=device)
+    for start, length, lo, hi in _pieces(offset, n):
+        args = _scalars(device, torch.int32, lo, _i32(key[0]), _i32(key[1] + hi))
+        out[start:start + length] = _bits_kernel(out[start:start + length], *args)
+    return out
+
+
+def _scalars(device, dtype, *values) -> list[torch.Tensor]:
+    """0-d tensors, so compiled kernels take new values without recompiling."""
+    return [torch.tensor(v, dtype=dtype, device=device) for v in values]
+
+
+def _threshold(p: float) -> int:
+    """u < p  ⇔  floor(u·2^24) < ceil(p·2^24) (p·2^24 is exact in binary floating point)."""
+    return math.ceil(p * (1 << 24))
+
+
+def _dare_kernel(delta, lo, k0, k1, thr, keep, k, zero_dropped: bool):
+    """One pass: hash → drop mask → rescale. Dropped entries become k·Δ (+0.0 when k = 0), kept ones keep·Δ."""
+    i = torch.arange(delta.numel(), dtype=torch.int32, device=delta.device) + lo
+    drop = ((_mix(_mix(i ^ k0) ^ k1) >> 8) & 0xFFFFFF) < thr
+    work = delta.reshape(-1).to(keep.dtype)
+    kept = work * keep
+    out = torch.where(drop, 0.0, kept) if zero_dropped else torch.where(drop, work * k, kept)
+    return out.to(delta.dtype)
+
+
+def _stream_rescale(delta: torch.Tensor, p: float, keep: float, k: float, generator, offset: int) -> torch.Tensor:
+    """F(Δ) entry-wise from the stream: k·Δ where u < p, keep·Δ elsewhere (computed in the promoted dtype)."""
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise InvalidParameterError(f"offset must be an integer >= 0, got {offset!r}")
+    key = stream_key(generator)
+    work_dtype = torch.promote_types(delta.dtype, torch.float32)
+    flat = delta.reshape(-1)
+    out = torch.empty_like(flat)
+    for start, length, lo, hi in _pieces(offset, flat.numel()):
+        ints = _scalars(delta.device, torch.int32, lo, _i32(key[0]), _i32(key[1] + hi), _threshold(p))
+        floats = _scalars(delta.device, work_dtype, keep, k)
+        piece = flat[start:start + length]
+        if length == flat.numel():
+            return _fused(_dare_kernel, piece, *ints, *floats, k == 0.0).reshape(delta.shape)
+        out[start:start + length] = _fused(_dare_kernel, piece, *ints, *floats, k == 0.0)
+    return out.reshape(delta.shape)
+
+
 # --- the unified operation -----------------------------------------------------------------------------------
 
 
@@ -104,19 +242,29 @@ def masked_rescale(delta: torch.Tensor, mask: torch.Tensor, p: float, k: float =
 # --- the paper's methods -------------------------------------------------------------------------------------
 
 
-def dare(delta: torch.Tensor, p: float, k: float = 0.0, *, generator: torch.Generator | None = None) -> torch.Tensor:
-    """F(Δ) = k·Δ where M=1, (1−k·p)/(1−p)·Δ where M=0, M ~ Bernoulli(p): k=0 is DARE, k<0 flips signs."""
+def dare(
+    delta: torch.Tensor, p: float, k: float = 0.0, *, generator: torch.Generator | None = None, offset: int = 0
+) -> torch.Tensor:
+    """F(Δ) = k·Δ where M=1, (1−k·p)/(1−p)·Δ where M=0, M ~ Bernoulli(p): k=0 is DARE, k<0 flips signs.
+
+    M_i = [u_i < p] with u the generator's counter-based stream (see :func:`uniform_bits`); ``offset`` is the
+    index of the delta's first entry in a larger tensor edited in blocks (each block with a generator in the same
+    state), so the blocks put together equal the tensor edited whole. Same math as :func:`masked_rescale`.
+    """
     p = _in_range("p", p, 0.0, 1.0, lo_open=False, hi_open=True)
-    mask = _draw(torch.rand, delta, generator) < p
-    return masked_rescale(delta, mask, p, k)
+    k = _finite("k", k)
+    _work(delta)  # type check
+    return _stream_rescale(delta, p, (1.0 - k * p) / (1.0 - p), k, generator, offset)
 
 
-def drop_only(delta: torch.Tensor, p: float, *, generator: torch.Generator | None = None) -> torch.Tensor:
-    """F(Δ) = (1−M)·Δ, M ~ Bernoulli(p), no rescale (the paper's Fig. 3 baseline); p in [0, 1]."""
+def drop_only(
+    delta: torch.Tensor, p: float, *, generator: torch.Generator | None = None, offset: int = 0
+) -> torch.Tensor:
+    """F(Δ) = (1−M)·Δ, M ~ Bernoulli(p) from the same stream as :func:`dare`, no rescale (the paper's Fig. 3
+    baseline); p in [0, 1]."""
     p = _in_range("p", p, 0.0, 1.0, lo_open=False, hi_open=False)
-    work = _work(delta)
-    mask = _draw(torch.rand, delta, generator) < p
-    return work.masked_fill(mask, 0.0).to(delta.dtype)
+    _work(delta)
+    return _stream_rescale(delta, p, 1.0, 0.0, generator, offset)
 
 
 def bitdelta(
@@ -313,8 +461,8 @@ METHODS: dict[str, Callable[..., torch.Tensor]] = {
     "sign_biased": sign_biased,
 }
 
-#: Entry-wise methods: each output entry depends on its own delta entry and on the random numbers drawn in
-#: row-major order, so a tensor may be edited in row blocks with one generator running on from block to block.
+#: Entry-wise methods: each output entry depends on its own delta entry and, for the random ones, on its
+#: row-major index in the stream, so a tensor may be edited in row blocks (``offset=`` the block's first index).
 ELEMENTWISE = frozenset({"dare", "drop_only", "extrapolate"})
 
 #: Methods that also need the loss gradient at W_post, tensor by tensor (``grad=``).
@@ -342,6 +490,6 @@ def needs_grad(method: str) -> bool:
 
 
 def method_params(method: str) -> dict[str, inspect.Parameter]:
-    """The method's settings (everything but the delta, the gradient and the generator), by name."""
-    skip = {"delta", "grad", "generator"}
+    """The method's settings (everything but the delta, the gradient, the generator and the offset), by name."""
+    skip = {"delta", "grad", "generator", "offset"}
     return {n: p for n, p in inspect.signature(get_method(method)).parameters.items() if n not in skip}
