@@ -145,20 +145,6 @@ def test_stream_is_uniform_and_independent_across_keys_and_neighbours():
         assert abs(r) < 5 / math.sqrt(x.numel())
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("p,k", [(0.9, 0.0), (0.5, -1.0)])
-def test_fused_dare_gives_the_eager_bits(dtype, p, k, monkeypatch):
-    delta = rand(edits.FUSE_MIN_NUMEL // 512 + 3, 512, seed=6, dtype=dtype)  # just above the fusing size
-    fused = edits.dare(delta, p, k, generator=gen(8))
-    if edits._compile_failed:
-        pytest.skip(f"torch.compile unavailable here: {edits._compile_failed[0]}")
-    monkeypatch.setenv("UNIFIEDDELTA_COMPILE", "0")
-    eager = edits.dare(delta, p, k, generator=gen(8))
-    assert fused.dtype == dtype and torch.equal(fused, eager)
-    dropped = eager.eq(0) if k == 0 else torch.sign(eager) != torch.sign(delta)
-    assert abs(dropped.double().mean().item() - p) < 0.01
-
-
 def test_dare_with_peft_mask_matches_peft_random_pruning():
     peft_merge = pytest.importorskip("peft.utils.merge_utils")
     delta = rand(30, 20, seed=9).abs() + 0.01

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from . import edits
+from . import edits, native
 from .cache import atomic_dir
 from .errors import (
     CheckpointError,
@@ -396,10 +396,38 @@ def _delta(name: str, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype = tor
         return d
     lo, hi = torch.aminmax(d)  # one pass, no mask: NaN and ±Inf show in the extremes
     if not (math.isfinite(lo) and math.isfinite(hi)):
-        bad = d.numel() - int(torch.isfinite(d).sum())
-        where = f" rows {rows[0]}:{rows[1]}" if rows else ""
-        raise NonFiniteError(f"tensor {name!r}: the delta has {bad} NaN/Inf entries{where} (pre or post is not finite)")
+        _not_finite(name, d.numel() - int(torch.isfinite(d).sum()), rows)
     return d
+
+
+def _not_finite(name: str, bad: int, rows=None):
+    where = f" rows {rows[0]}:{rows[1]}" if rows else ""
+    raise NonFiniteError(f"tensor {name!r}: the delta has {bad} NaN/Inf entries{where} (pre or post is not finite)")
+
+
+#: Entry-wise edits the C kernel does whole (``native.edit``): pre, post → W_post + (F(ΔW) − ΔW) in one pass.
+NATIVE_METHODS = ("dare", "drop_only", "extrapolate")
+
+
+def _native_step(run, name: str, a: torch.Tensor, b: torch.Tensor, seed: int, compute_dtype: torch.dtype,
+                 offset: int = 0, rows=None) -> torch.Tensor | None:  # fmt: skip
+    """W_post + D of a tensor or row block in one pass (the C twin of ``_delta`` → edit → ``_new_tensor``, same
+    bits), or None where it does not apply: another method, fp16, a compute dtype below float32, a small tensor."""
+    if (run.method not in NATIVE_METHODS or compute_dtype not in (torch.float32, torch.float64) or a.dtype != b.dtype
+            or a.shape != b.shape or b.numel() < edits.NATIVE_MIN_NUMEL or not native.supports(a, b)):
+        return None
+    params = run.params
+    if run.method == "extrapolate":
+        out, bad = native.edit(a, b, compute_dtype, keep=1.0 + params["alpha"], scale_only=True)
+    else:
+        p, k = params["p"], params.get("k", 0.0)
+        key = edits.stream_key(tensor_generator(seed, name))
+        keep = edits.rescale_factor(p, k) if run.method == "dare" else 1.0
+        out, bad = native.edit(a, b, compute_dtype, offset=offset, key=key, thr=edits.stream_threshold(p), keep=keep,
+                               k=k)  # fmt: skip
+    if bad:
+        _not_finite(name, bad, rows)
+    return out
 
 
 def _bar(total: int, desc: str, progress: bool):
@@ -501,6 +529,7 @@ def _prepare(method: str, params: dict[str, Any], grad) -> Callable[[str, torch.
         except (InvalidParameterError, MismatchError) as e:
             raise type(e)(f"tensor {name!r}: {e}") from None
 
+    run.method, run.params = method, params
     return run
 
 
@@ -525,6 +554,15 @@ def _edited(run, e: Entry, pre: Checkpoint, post: Checkpoint, seed: int, compute
     return b_full, (edited.clone() if edited is delta else edited).sub_(delta)  # in place: one copy less
 
 
+def _edited_post(run, e: Entry, pre: Checkpoint, post: Checkpoint, seed: int, compute_dtype: torch.dtype):
+    """W_post + D of one entry, in post's dtype: fused in one pass where the C kernel applies."""
+    if e.kind != "grown":
+        fused = _native_step(run, e.name, pre.get(e.name), post.get(e.name), seed, compute_dtype)
+        if fused is not None:
+            return fused
+    return _new_tensor(*_edited(run, e, pre, post, seed, compute_dtype))
+
+
 #: Entry-wise edits of tensors larger than this (in the compute dtype) are written in row blocks of about this size.
 BLOCK_BYTES = 64 << 20
 
@@ -544,7 +582,13 @@ def _edited_blocks(run, e: Entry, pre: Checkpoint, post: Checkpoint, seed: int, 
             yield b
             continue
         cut = min(r1, edit_rows) - r0
-        delta = _delta(e.name, pre.rows(e.name, r0, r0 + cut), b[:cut], compute_dtype, rows=(r0, r0 + cut))
+        a = pre.rows(e.name, r0, r0 + cut)
+        if cut == b.shape[0]:
+            fused = _native_step(run, e.name, a, b, seed, compute_dtype, r0 * row, rows=(r0, r0 + cut))
+            if fused is not None:
+                yield fused
+                continue
+        delta = _delta(e.name, a, b[:cut], compute_dtype, rows=(r0, r0 + cut))
         edited = run(e.name, delta, seed, r0 * row)
         yield _new_tensor(b, (edited.clone() if edited is delta else edited).sub_(delta))
 
@@ -628,7 +672,7 @@ def apply_edit(
         new = {}  # computed before any parameter changes, so an error leaves the model untouched
         with _bar(len(todo), method, progress) as bar:
             for e in todo:
-                new[e.name] = _new_tensor(*_edited(run, e, pre_ck, post_ck, seed, compute_dtype))
+                new[e.name] = _edited_post(run, e, pre_ck, post_ck, seed, compute_dtype)
                 bar.update()
         with torch.no_grad():
             for name, t in new.items():
@@ -659,7 +703,7 @@ def apply_edit(
                 yield _edited_blocks(run, e, pre_ck, post_ck, seed, compute_dtype)
                 bar.update()
             else:
-                yield _new_tensor(*_edited(run, e, pre_ck, post_ck, seed, compute_dtype))
+                yield _edited_post(run, e, pre_ck, post_ck, seed, compute_dtype)
                 bar.update()
 
     with _bar(total, method, progress) as bar, atomic_dir(out, overwrite=overwrite) as tmp:

@@ -6,7 +6,8 @@ checkpoints are not edited in half precision. Random edits take a ``torch.Genera
 from (seed, tensor name) so results do not depend on order, sharding or threads (see ``deltas.tensor_generator``).
 DARE's masks come from a counter-based stream keyed by that generator (:func:`uniform_bits`), so a tensor edited
 in row blocks gives the same bits as edited whole, and the mask costs a few integer operations per entry, fused
-with the rescale into one pass over memory (:func:`_fused`).
+with the rescale into one pass over memory: large CPU tensors run the C twins (``native.py``) of the ``_*_kernel``
+functions here, which give the same bits.
 The methods never know where tensors come from: loading and writing checkpoints lives in ``deltas.py``.
 
 The paper's unified view in one line: the edited model is ``W_post + D`` with ``D = F(ΔW) − ΔW``; DARE,
@@ -18,19 +19,23 @@ from __future__ import annotations
 
 import inspect
 import math
-import os
-import warnings
 from typing import Callable
 
 import numpy as np
 import torch
 
+from . import native
 from .errors import InvalidParameterError, MismatchError
+
+#: Tensors with at least this many entries run the C kernels (``native.py``); smaller ones run torch (same bits).
+NATIVE_MIN_NUMEL = 1 << 16
 
 __all__ = [
     "masked_rescale",
     "uniform_bits",
     "stream_key",
+    "stream_threshold",
+    "rescale_factor",
     "dare",
     "drop_only",
     "bitdelta",
@@ -82,37 +87,6 @@ def _draw(sampler: Callable[..., torch.Tensor], like: torch.Tensor, generator: t
     generator's device: a seed means the same numbers (and masks) whatever the delta's device or dtype."""
     device = generator.device if generator is not None else like.device
     return sampler(like.shape, generator=generator, device=device, dtype=torch.float32).to(like.device)
-
-
-# --- fused kernels -------------------------------------------------------------------------------------------
-
-#: Tensors with at least this many entries run their elementwise kernels compiled (torch.compile fuses the
-#: integer hash, the threshold and the rescale into one C++ loop); smaller ones run eagerly (same bits).
-FUSE_MIN_NUMEL = 1 << 20
-_compiled: dict[Callable, Callable] = {}
-_compile_failed: list[str] = []
-
-
-def _fused(kernel: Callable[..., torch.Tensor], *args) -> torch.Tensor:
-    """``kernel(*args)``, compiled for large CPU tensors when a C++ compiler is at hand, eager otherwise.
-
-    Kernels use only elementwise integer operations and single float roundings, so both paths give the same bits
-    (tested). ``UNIFIEDDELTA_COMPILE=0`` turns compilation off; a failed compilation warns once and falls back.
-    """
-    x = args[0]
-    if (x.numel() < FUSE_MIN_NUMEL or x.device.type != "cpu" or _compile_failed
-            or os.environ.get("UNIFIEDDELTA_COMPILE", "1") == "0"):
-        return kernel(*args)
-    if kernel not in _compiled:
-        _compiled[kernel] = torch.compile(kernel, dynamic=True, fullgraph=True)
-    try:
-        return _compiled[kernel](*args)
-    except Exception as e:  # no compiler, no Python headers, an inductor bug: the eager kernel is the same math
-        _compile_failed.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-        warnings.warn(f"torch.compile is unavailable here ({_compile_failed[0]}); edits run unfused (same results, "
-                      "several times slower). Set UNIFIEDDELTA_COMPILE=0 to skip the attempt.", RuntimeWarning,
-                      stacklevel=3)
-        return kernel(*args)
 
 
 # --- the random stream of DARE's masks ----------------------------------------------------------------------
@@ -173,18 +147,23 @@ def uniform_bits(n: int, key: tuple[int, int], offset: int = 0, device: str | to
     out = torch.empty(n, dtype=torch.int32, device=device)
     for start, length, lo, hi in _pieces(offset, n):
         args = _scalars(device, torch.int32, lo, _i32(key[0]), _i32(key[1] + hi))
-        out[start:start + length] = _bits_kernel(out[start:start + length], *args)
+        out[start:start + length] = _bits_kernel(out[start:start + length], *args)  # the reference, in torch
     return out
 
 
 def _scalars(device, dtype, *values) -> list[torch.Tensor]:
-    """0-d tensors, so compiled kernels take new values without recompiling."""
+    """0-d tensors on the device: the kernels' scalar settings, rounded to the dtype they compute in."""
     return [torch.tensor(v, dtype=dtype, device=device) for v in values]
 
 
-def _threshold(p: float) -> int:
-    """u < p  ⇔  floor(u·2^24) < ceil(p·2^24) (p·2^24 is exact in binary floating point)."""
+def stream_threshold(p: float) -> int:
+    """M = [u < p]  ⇔  floor(u·2^24) < ceil(p·2^24) (p·2^24 is exact in binary floating point)."""
     return math.ceil(p * (1 << 24))
+
+
+def rescale_factor(p: float, k: float = 0.0) -> float:
+    """DARE's factor of the kept entries, (1 − k·p)/(1 − p): exactly 1.0 when p = 0 (the identity edit)."""
+    return (1.0 - k * p) / (1.0 - p)
 
 
 def _dare_kernel(delta, lo, k0, k1, thr, keep, k, zero_dropped: bool):
@@ -197,21 +176,24 @@ def _dare_kernel(delta, lo, k0, k1, thr, keep, k, zero_dropped: bool):
     return out.to(delta.dtype)
 
 
+def _native(*tensors: torch.Tensor) -> bool:
+    return tensors[0].numel() >= NATIVE_MIN_NUMEL and native.supports(*tensors)
+
+
 def _stream_rescale(delta: torch.Tensor, p: float, keep: float, k: float, generator, offset: int) -> torch.Tensor:
     """F(Δ) entry-wise from the stream: k·Δ where u < p, keep·Δ elsewhere (computed in the promoted dtype)."""
     if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
         raise InvalidParameterError(f"offset must be an integer >= 0, got {offset!r}")
     key = stream_key(generator)
+    if _native(delta):
+        return native.dare(delta, offset, key, stream_threshold(p), keep, k)
     work_dtype = torch.promote_types(delta.dtype, torch.float32)
     flat = delta.reshape(-1)
     out = torch.empty_like(flat)
     for start, length, lo, hi in _pieces(offset, flat.numel()):
-        ints = _scalars(delta.device, torch.int32, lo, _i32(key[0]), _i32(key[1] + hi), _threshold(p))
+        ints = _scalars(delta.device, torch.int32, lo, _i32(key[0]), _i32(key[1] + hi), stream_threshold(p))
         floats = _scalars(delta.device, work_dtype, keep, k)
-        piece = flat[start:start + length]
-        if length == flat.numel():
-            return _fused(_dare_kernel, piece, *ints, *floats, k == 0.0).reshape(delta.shape)
-        out[start:start + length] = _fused(_dare_kernel, piece, *ints, *floats, k == 0.0)
+        out[start:start + length] = _dare_kernel(flat[start:start + length], *ints, *floats, k == 0.0)
     return out.reshape(delta.shape)
 
 
@@ -229,7 +211,7 @@ def masked_rescale(delta: torch.Tensor, mask: torch.Tensor, p: float, k: float =
     if mask.shape != delta.shape:
         raise MismatchError(f"mask shape {tuple(mask.shape)} does not match delta shape {tuple(delta.shape)}")
     work = _work(delta)
-    keep_scale = (1.0 - k * p) / (1.0 - p)  # exactly 1.0 when p = 0: the identity edit is bit for bit
+    keep_scale = rescale_factor(p, k)  # exactly 1.0 when p = 0: the identity edit is bit for bit
     mask = mask.to(device=work.device, dtype=torch.bool)
     out = work * keep_scale  # a new tensor: the input is never written
     if k == 0.0:  # DARE: dropped entries are zero, no second product needed
@@ -254,7 +236,7 @@ def dare(
     p = _in_range("p", p, 0.0, 1.0, lo_open=False, hi_open=True)
     k = _finite("k", k)
     _work(delta)  # type check
-    return _stream_rescale(delta, p, (1.0 - k * p) / (1.0 - p), k, generator, offset)
+    return _stream_rescale(delta, p, rescale_factor(p, k), k, generator, offset)
 
 
 def drop_only(
@@ -290,17 +272,23 @@ def bitdelta(
         raise InvalidParameterError(f"magnitudes must be 'mean', 'normal' or 'uniform', got {magnitudes!r}")
     if magnitudes != "mean" and bits != 0:
         raise InvalidParameterError(f"magnitudes={magnitudes!r} draws one distribution per tensor: use bits=0")
+    if bits == 0 and magnitudes == "mean":  # the paper's BitDelta: one magnitude per tensor, no sort, no copy
+        _work(delta[:0])  # type check
+        if delta.numel() == 0:
+            return delta.clone()
+        # mean |Δ| accumulated in float64 (one read, no |Δ| temporary), then sign·mean in one pass
+        if _native(delta):
+            return native.sign_scale(delta, scale * (native.abs_sum(delta) / delta.numel()))
+        mean = scale * (_abs_sum_kernel(delta).item() / delta.numel())
+        return _sign_scale_kernel(delta, torch.tensor(mean, dtype=torch.promote_types(delta.dtype, torch.float32)))
     work = _work(delta)
     if work.numel() == 0:
         return delta.clone()
-    # mean |Δ| as an L1 norm: one read, no |Δ| temporary
     mean = scale * (torch.linalg.vector_norm(work, ord=1) / work.numel())
     if magnitudes != "mean":
         noise = _draw(torch.randn if magnitudes == "normal" else torch.rand, work, generator).to(work.dtype)
         factor = 1.0 + noise if magnitudes == "normal" else 2.0 * noise  # both have mean 1
         return (work.sign().mul_(mean) * factor).to(delta.dtype)
-    if bits == 0:  # the paper's BitDelta: one magnitude per tensor, no sort needed
-        return work.sign().mul_(mean).to(delta.dtype)
     sign, mag = work.sign(), torch.abs(work, out=torch.empty_like(work))  # work.abs() allocates ~10x slower (torch 2.13 CPU)
     n = mag.numel()
     blocks = min(2**bits, n)
@@ -312,6 +300,17 @@ def bitdelta(
     means = torch.segment_reduce(values, "sum", lengths=counts) / counts
     out = torch.empty_like(values).scatter_(0, order, means.repeat_interleave(counts, output_size=n).mul_(scale))
     return (sign * out.reshape(work.shape)).to(delta.dtype)
+
+
+def _abs_sum_kernel(delta: torch.Tensor) -> torch.Tensor:
+    """Σ|Δ| in float64: the summation order (torch's or the C kernel's) moves it by ~1e-16 relative, far below
+    the float32 rounding of the mean."""
+    return delta.abs().to(torch.float64).sum()
+
+
+def _sign_scale_kernel(delta: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """sign(Δ)·mean in mean's dtype (float32 or better), rounded once to Δ's dtype."""
+    return (torch.sign(delta.to(mean.dtype)) * mean).to(delta.dtype)
 
 
 def low_rank(delta: torch.Tensor, rank: int | float, svd: str = "exact") -> torch.Tensor:
@@ -379,23 +378,29 @@ def magnitude_trim(delta: torch.Tensor, keep: float) -> torch.Tensor:
     (:func:`_kth_largest_magnitude`).
     """
     keep = _in_range("keep", keep, 0.0, 1.0, lo_open=True, hi_open=False)
-    work = _work(delta)
-    flat = work.reshape(-1)
+    _work(delta[:0])  # type check
+    flat = delta.reshape(-1)
     n = flat.numel()
     count = math.floor(keep * n + 0.5)
     if count >= n:
-        return work.to(delta.dtype) if work is not delta else delta.clone()
+        return delta.clone()
     if count == 0:
         return torch.zeros_like(delta)
-    threshold, at_least = _kth_largest_magnitude(flat, count)
-    # |Δ| >= t is |Δ| > the float just below t: hardshrink keeps exactly those entries, in one pass.
-    below = torch.nextafter(threshold, threshold.new_tensor(-math.inf)).item()
-    out = torch.nn.functional.hardshrink(flat, below) if below >= 0 else flat.clone()
+    work_dtype = torch.promote_types(delta.dtype, torch.float32)
+    threshold, at_least = _kth_largest_magnitude(flat.to(work_dtype), count)
+    # |Δ| >= t is |Δ| > the float just below t: one fused pass keeps exactly those entries (selection, no rounding).
+    below = torch.nextafter(threshold, threshold.new_tensor(-math.inf)).to(work_dtype)
+    out = native.keep_above(flat, below.item()) if _native(flat) else _keep_above_kernel(flat, below)
     excess = at_least - count
     if excess > 0:  # ties at the threshold: drop the last ones in index order
-        ties = (flat.abs() == threshold).nonzero().squeeze(1)
+        ties = (flat.to(work_dtype).abs() == threshold).nonzero().squeeze(1)
         out[ties[ties.numel() - excess :]] = 0.0
-    return out.reshape(work.shape).to(delta.dtype)
+    return out.reshape(delta.shape)
+
+
+def _keep_above_kernel(delta: torch.Tensor, below: torch.Tensor) -> torch.Tensor:
+    """Δ where |Δ| > below (compared in below's dtype), 0 elsewhere."""
+    return torch.where(delta.to(below.dtype).abs() > below, delta, 0.0)
 
 
 def _kth_largest_magnitude(flat: torch.Tensor, count: int) -> tuple[torch.Tensor, int]:

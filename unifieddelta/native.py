@@ -1,0 +1,301 @@
+"""Fused elementwise kernels in C: the edits' hot loops in one pass over memory, on all of torch's threads.
+
+Why C: each eager torch operation is a full pass over the tensor, and DARE's mask takes ~20 integer operations
+per entry (edits.py's counter-based stream), so eagerly it costs ~25 passes; torch.compile fuses them but costs
+~5 s of imports and tracing in every process (measured here), more than the whole edit of a 1 GB checkpoint.
+These loops are compiled once per machine with the system's C compiler (``cc``, cached under the project's cache
+directory, ~1 s) and called through ctypes, which releases the GIL, so the tensor is split across threads.
+
+Every kernel here has an eager torch twin in ``edits.py`` (the reference, used when no compiler is found,
+for fp16, for non-CPU tensors, and with ``UNIFIEDDELTA_NATIVE=0``); they give the same bits, which the tests check.
+Floating point is IEEE without contraction (``-ffp-contract=off``): each operation rounds once, as torch's do.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import subprocess
+import tempfile
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from .cache import cache_dir
+
+# Storage dtypes the kernels read and write (code, C type of one entry); the compute dtype is float or double.
+_DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float64: "f64"}
+
+_SOURCE = r"""
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+
+/* storage <-> compute conversions: bf16 as torch's vectorized loops do it (round to nearest even, NaN -> 0xFFFF;
+   torch's scalar tail loops write NaN as 0x7FC0: NaN payloads are not part of the contract) */
+static inline float ld_f32(const void *p, int64_t i) { return ((const float *)p)[i]; }
+static inline double ld_f64(const void *p, int64_t i) { return ((const double *)p)[i]; }
+static inline float ld_bf16(const void *p, int64_t i) {
+    uint32_t u = (uint32_t)((const uint16_t *)p)[i] << 16; float f; memcpy(&f, &u, 4); return f;
+}
+#define st_f32(p, i, v) (((float *)(p))[i] = (float)(v))
+#define st_f64(p, i, v) (((double *)(p))[i] = (double)(v))
+static inline uint16_t to_bf16(float f) {
+    uint32_t u; memcpy(&u, &f, 4);
+    return f != f ? (uint16_t)0xFFFF : (uint16_t)((u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16);
+}
+#define st_bf16(p, i, v) (((uint16_t *)(p))[i] = to_bf16((float)(v)))
+
+/* DARE's stream: lowbias32 twice, keyed; u = (H >> 8) / 2^24 (see edits.py) */
+static inline uint32_t mix(uint32_t x) {
+    x ^= x >> 16; x *= 0x7FEB352Du; x ^= x >> 15; x *= 0x846CA68Bu; x ^= x >> 16; return x;
+}
+/* entry i of a piece: counter lo = lo0 + i < 2^31 (the caller cuts pieces where i div 2^31 changes), k1h = k1 + hi */
+static inline uint32_t bits24(uint32_t lo, uint32_t k0, uint32_t k1h) { return mix(mix(lo ^ k0) ^ k1h) >> 8; }
+
+/* out = F(x) for x a delta: dropped (bits < thr) -> +0 (Z = 1) or x*k (Z = 0), kept -> x*keep, in type W.
+   Branch-free bodies (selects), one function per variant, so that the compiler vectorizes every loop. */
+#define DARE(S, W, Z)                                                                                       \
+void dare##Z##_##S##_##W(const void *restrict x, void *restrict out, int64_t n, uint32_t lo0, uint32_t k0, \
+                         uint32_t k1h, uint32_t thr, double keep, double k) {                             \
+    const W kp = (W)keep, kk = (W)k;                                                                       \
+    for (int64_t i = 0; i < n; i++) {                                                                      \
+        W v = (W)ld_##S(x, i);                                                                             \
+        W dropped = Z ? (W)0 : v * kk, kept = v * kp;                                                      \
+        st_##S(out, i, bits24(lo0 + (uint32_t)i, k0, k1h) < thr ? dropped : kept);                         \
+    }                                                                                                      \
+}
+DARE(f32, float, 0) DARE(bf16, float, 0) DARE(f64, double, 0)
+DARE(f32, float, 1) DARE(bf16, float, 1) DARE(f64, double, 1)
+
+/* the streaming editor's whole step for one block: pre, post (storage S) -> post + (F(delta) - delta),
+   delta = post - pre in compute type W, rounded once to S; F as dare (mode 0 with k, 1 with zeros) or
+   F(d) = d * keep (mode 2: extrapolate). Returns the number of non-finite deltas (the caller raises). */
+#define EDIT(S, W, MODE)                                                                                    \
+int64_t edit##MODE##_##S##_##W(const void *restrict pre, const void *restrict post, void *restrict out,    \
+                               int64_t n, uint32_t lo0, uint32_t k0, uint32_t k1h, uint32_t thr,           \
+                               double keep, double k) {                                                    \
+    const W kp = (W)keep, kk = (W)k;                                                                       \
+    int64_t bad = 0;                                                                                       \
+    for (int64_t i = 0; i < n; i++) {                                                                      \
+        W b = (W)ld_##S(post, i);                                                                          \
+        W d = b - (W)ld_##S(pre, i);                                                                       \
+        bad += (d - d) != 0; /* NaN or Inf: d - d is NaN */                                                \
+        W kept = d * kp, dropped = MODE == 1 ? (W)0 : d * kk;                                              \
+        W e = (MODE == 2 || bits24(lo0 + (uint32_t)i, k0, k1h) >= thr) ? kept : dropped;                  \
+        st_##S(out, i, (W)((e - d) + b));                                                                  \
+    }                                                                                                      \
+    return bad;                                                                                            \
+}
+#define EDITS(MODE) EDIT(f32, float, MODE) EDIT(bf16, float, MODE) EDIT(f32, double, MODE) \
+                    EDIT(bf16, double, MODE) EDIT(f64, double, MODE)
+EDITS(0) EDITS(1) EDITS(2)
+
+/* bitdelta: sum |x| in double, eight accumulators in a fixed pattern (the same sum whatever the threads) */
+#define ABSSUM(S)                                                                                           \
+double abssum_##S(const void *restrict x, int64_t n) {                                                             \
+    double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};                                                              \
+    int64_t i = 0;                                                                                         \
+    for (; i + 8 <= n; i += 8)                                                                             \
+        for (int j = 0; j < 8; j++) acc[j] += fabs((double)ld_##S(x, i + j));                             \
+    for (; i < n; i++) acc[0] += fabs((double)ld_##S(x, i));                                              \
+    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));              \
+}
+ABSSUM(f32) ABSSUM(bf16) ABSSUM(f64)
+
+/* bitdelta: out = sign(x) * m in W (sign(NaN) = NaN, sign(0) = 0, as torch.sign) */
+#define SIGNSCALE(S, W)                                                                                     \
+void signscale_##S##_##W(const void *restrict x, void *restrict out, int64_t n, double mean) {                              \
+    const W m = (W)mean;                                                                                   \
+    for (int64_t i = 0; i < n; i++) {                                                                      \
+        W v = (W)ld_##S(x, i);                                                                             \
+        W s = v > 0 ? (W)1 : (v < 0 ? (W)-1 : v); /* 0 stays 0 (sign kept, times m: +-0), NaN NaN */     \
+        st_##S(out, i, s * m);                                                                             \
+    }                                                                                                      \
+}
+SIGNSCALE(f32, float) SIGNSCALE(bf16, float) SIGNSCALE(f64, double)
+
+/* magnitude trim: out = x where |x| > below (compared in W), 0 elsewhere; a selection, no rounding */
+#define KEEPABOVE(S, W)                                                                                     \
+void keepabove_##S##_##W(const void *restrict x, void *restrict out, int64_t n, double below) {                             \
+    const W t = (W)below;                                                                                  \
+    for (int64_t i = 0; i < n; i++) {                                                                      \
+        W v = (W)ld_##S(x, i);                                                                             \
+        st_##S(out, i, (v > t || v < -t) ? v : (W)0);                                                      \
+    }                                                                                                      \
+}
+KEEPABOVE(f32, float) KEEPABOVE(bf16, float) KEEPABOVE(f64, double)
+"""
+
+#: Tensors smaller than this run single-threaded (thread start-up would cost more than it saves).
+_PARALLEL_MIN = 1 << 16
+_lib: ctypes.CDLL | None = None
+_failed: list[str] = []
+_pool: ThreadPoolExecutor | None = None
+
+
+def _flags() -> list[str]:
+    # no FMA contraction (torch rounds each operation); no FP traps assumed, so selects vectorize (same values)
+    return ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared",
+            "-std=c11"]
+
+
+def _build() -> ctypes.CDLL:
+    """Compile the kernels once per source, flags and CPU (``-march=native``), atomically, into the cache."""
+    cpu = ""
+    if Path("/proc/cpuinfo").exists():
+        cpu = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    compiler = os.environ.get("CC", "cc")
+    key = hashlib.sha256("\0".join([_SOURCE, " ".join(_flags()), compiler, platform.machine(), cpu]).encode())
+    target = cache_dir("kernels") / f"unifieddelta-{key.hexdigest()[:16]}.so"
+    if not target.exists():
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            src, so = Path(tmp) / "kernels.c", Path(tmp) / "kernels.so"
+            src.write_text(_SOURCE)
+            subprocess.run([compiler, *_flags(), str(src), "-o", str(so), "-lm"], check=True, capture_output=True,
+                           text=True)  # fmt: skip
+            os.replace(so, target)  # another process may have won the race: same bytes
+    return ctypes.CDLL(str(target))
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None (no compiler, or ``UNIFIEDDELTA_NATIVE=0``): callers use torch instead."""
+    global _lib
+    if os.environ.get("UNIFIEDDELTA_NATIVE", "1") == "0" or _failed:
+        return None
+    if _lib is None:
+        try:
+            _lib = _build()
+        except Exception as e:  # no cc, a read-only cache, an exotic platform: torch does the same math, slower
+            detail = e.stderr.strip().splitlines()[-1] if isinstance(e, subprocess.CalledProcessError) and e.stderr else e
+            _failed.append(f"{type(e).__name__}: {detail}")
+            warnings.warn(f"unifieddelta: the C kernels could not be built ({_failed[0]}); edits run on torch "
+                          "(same results, several times slower). UNIFIEDDELTA_NATIVE=0 skips the attempt.",
+                          RuntimeWarning, stacklevel=3)  # fmt: skip
+            return None
+        _declare(_lib)
+    return _lib
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    p, i64, u32, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint32, ctypes.c_double
+    for s in ("f32", "bf16", "f64"):
+        for w in ("float", "double"):
+            specs = [(f"dare{z}_{s}_{w}", [p, p, i64, u32, u32, u32, u32, f64, f64], None) for z in (0, 1)]
+            specs += [(f"edit{m}_{s}_{w}", [p, p, p, i64, u32, u32, u32, u32, f64, f64], i64) for m in (0, 1, 2)]
+            specs += [(f"signscale_{s}_{w}", [p, p, i64, f64], None), (f"keepabove_{s}_{w}", [p, p, i64, f64], None)]
+            for name, args, res in specs:
+                if hasattr(lib, name):  # getattr caches the function object; lib[name] would not
+                    fn = getattr(lib, name)
+                    fn.argtypes, fn.restype = args, res
+        fn = getattr(lib, f"abssum_{s}")
+        fn.argtypes, fn.restype = [p, i64], f64
+
+
+def supports(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels take these tensors: CPU, contiguous, one of float32/bfloat16/float64, and built."""
+    return (all(t.device.type == "cpu" and t.is_contiguous() and t.dtype in _DTYPES for t in tensors)
+            and library() is not None)  # fmt: skip
+
+
+def _code(dtype: torch.dtype) -> str:
+    return _DTYPES[dtype]
+
+
+def _work(dtype: torch.dtype) -> str:
+    return "double" if dtype == torch.float64 else "float"
+
+
+def _chunks(n: int, min_size: int = _PARALLEL_MIN) -> list[tuple[int, int]]:
+    """Contiguous [start, end) ranges covering 0..n, one per thread, cut at multiples of 64 entries."""
+    threads = max(1, torch.get_num_threads()) if n >= min_size else 1
+    step = -(-n // threads)
+    step = -(-step // 64) * 64
+    return [(a, min(n, a + step)) for a in range(0, n, step)] if n else [(0, 0)]
+
+
+def _parallel(call, n: int, min_size: int = _PARALLEL_MIN) -> list:
+    """``call(start, end)`` over the chunks of n entries, on threads (ctypes releases the GIL during the call)."""
+    global _pool
+    chunks = _chunks(n, min_size)
+    if len(chunks) == 1:
+        return [call(*chunks[0])]
+    if _pool is None or _pool._max_workers < len(chunks):
+        _pool = ThreadPoolExecutor(max_workers=len(chunks), thread_name_prefix="unifieddelta")
+    return list(_pool.map(lambda c: call(*c), chunks))
+
+
+def _stream_parallel(call, n: int, offset: int, key: tuple[int, int]) -> list:
+    """``call(start, end, lo0, k0, k1h)`` over n entries whose stream counters start at ``offset``: chunks for the
+    threads, cut again where the counter crosses a multiple of 2^31 (the stream's high word, edits.py)."""
+
+    def piece(a: int, b: int) -> list:
+        out, i = [], a
+        while i < b:
+            lo, hi = (offset + i) & 0x7FFFFFFF, (offset + i) >> 31
+            j = min(b, i + (1 << 31) - lo)
+            out.append(call(i, j, lo, key[0], (key[1] + hi) & 0xFFFFFFFF))
+            i = j
+        return out
+
+    return [v for part in _parallel(piece, n) for v in part]
+
+
+def _ptr(t: torch.Tensor, start: int) -> int:
+    return t.data_ptr() + start * t.element_size()
+
+
+def dare(x: torch.Tensor, offset: int, key: tuple[int, int], thr: int, keep: float, k: float) -> torch.Tensor:
+    """edits.dare's entry-wise rescale of a contiguous delta (any shape), from DARE's stream."""
+    lib, out = library(), torch.empty_like(x)
+    fn = getattr(lib, f"dare{int(k == 0.0)}_{_code(x.dtype)}_{_work(x.dtype)}")
+    _stream_parallel(lambda a, b, lo, k0, k1h: fn(_ptr(x, a), _ptr(out, a), b - a, lo, k0, k1h, thr, keep, k),
+                     x.numel(), offset, key)  # fmt: skip
+    return out
+
+
+def edit(pre: torch.Tensor, post: torch.Tensor, compute: torch.dtype, *, offset: int = 0, key=(0, 0), thr: int = 0,
+         keep: float = 1.0, k: float = 0.0, scale_only: bool = False) -> tuple[torch.Tensor, int]:  # fmt: skip
+    """post + (F(Δ) − Δ), Δ = post − pre in ``compute``, rounded once to post's dtype, and the number of
+    non-finite deltas. F is DARE's rescale (or Δ·keep with ``scale_only``)."""
+    lib, out = library(), torch.empty_like(post)
+    mode = 2 if scale_only else int(k == 0.0)
+    fn = getattr(lib, f"edit{mode}_{_code(post.dtype)}_{_work(compute)}")
+    bad = _stream_parallel(lambda a, b, lo, k0, k1h: fn(_ptr(pre, a), _ptr(post, a), _ptr(out, a), b - a, lo, k0,
+                                                        k1h, thr, keep, k), post.numel(), offset, key)  # fmt: skip
+    return out, sum(bad)
+
+
+def abs_sum(x: torch.Tensor) -> float:
+    """Σ|x| in double; partial sums over fixed blocks of 2^16 entries added in order (thread-count independent)."""
+    fn = getattr(library(), f"abssum_{_code(x.dtype)}")
+    block, n = 1 << 16, x.numel()
+    blocks = -(-n // block)
+    parts = _parallel(lambda a, b: [fn(_ptr(x, j * block), min(n, (j + 1) * block) - j * block) for j in range(a, b)],
+                      blocks, min_size=2)  # fmt: skip
+    return float(sum(v for chunk in parts for v in chunk))
+
+
+def sign_scale(x: torch.Tensor, mean: float) -> torch.Tensor:
+    """sign(x)·mean in x's compute type, rounded to x's dtype."""
+    lib, out = library(), torch.empty_like(x)
+    fn = getattr(lib, f"signscale_{_code(x.dtype)}_{_work(x.dtype)}")
+    _parallel(lambda a, b: fn(_ptr(x, a), _ptr(out, a), b - a, mean), x.numel())
+    return out
+
+
+def keep_above(x: torch.Tensor, below: float) -> torch.Tensor:
+    """x where |x| > below (below rounded to x's compute type), 0 elsewhere."""
+    lib, out = library(), torch.empty_like(x)
+    fn = getattr(lib, f"keepabove_{_code(x.dtype)}_{_work(x.dtype)}")
+    _parallel(lambda a, b: fn(_ptr(x, a), _ptr(out, a), b - a, below), x.numel())
+    return out
+
+
+if __name__ == "__main__":  # python -m unifieddelta.native: build the kernels now and say where they are
+    lib = library()
+    print(lib._name if lib is not None else f"not built: {_failed[0] if _failed else 'UNIFIEDDELTA_NATIVE=0'}")
