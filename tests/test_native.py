@@ -52,6 +52,10 @@ CASES = {  # bf16 × 10 (DARE p=0.9) lands halfway between two bf16 values 1 tim
     "bitdelta": lambda x: edits.bitdelta(x[8:], scale=0.5),  # finite: a NaN makes the mean NaN
     "bitdelta special": lambda x: edits.bitdelta(x),
     "magnitude_trim": lambda x: edits.magnitude_trim(x[8:], 0.3),
+    "magnitude_trim ties": lambda x: edits.magnitude_trim(torch.remainder(torch.arange(N), 7).to(x.dtype) - 3, 0.45),
+    "magnitude_trim keep≈1": lambda x: edits.magnitude_trim(x[8:], 0.999),
+    "magnitude_trim NaN": lambda x: edits.magnitude_trim(x, 0.3),  # the bracket declines: numpy selects
+    "magnitude_trim periodic": lambda x: edits.magnitude_trim(x[8:].reshape(-1)[: 1 << 16].repeat(2), 0.01),
 }
 
 

@@ -387,14 +387,17 @@ def magnitude_trim(delta: torch.Tensor, keep: float) -> torch.Tensor:
     if count == 0:
         return torch.zeros_like(delta)
     work_dtype = torch.promote_types(delta.dtype, torch.float32)
-    threshold, at_least = _kth_largest_magnitude(flat.to(work_dtype), count)
+    threshold, at_least = _kth_largest_magnitude(flat, count)
     # |Δ| >= t is |Δ| > the float just below t: one fused pass keeps exactly those entries (selection, no rounding).
     below = torch.nextafter(threshold, threshold.new_tensor(-math.inf)).to(work_dtype)
     out = native.keep_above(flat, below.item()) if _native(flat) else _keep_above_kernel(flat, below)
     excess = at_least - count
     if excess > 0:  # ties at the threshold: drop the last ones in index order
-        ties = (flat.to(work_dtype).abs() == threshold).nonzero().squeeze(1)
-        out[ties[ties.numel() - excess :]] = 0.0
+        if _native(flat):
+            out[native.last_ties(flat, threshold.item(), excess)] = 0.0
+        else:
+            ties = (flat.to(work_dtype).abs() == threshold).nonzero().squeeze(1)
+            out[ties[ties.numel() - excess :]] = 0.0
     return out.reshape(delta.shape)
 
 
@@ -404,20 +407,46 @@ def _keep_above_kernel(delta: torch.Tensor, below: torch.Tensor) -> torch.Tensor
 
 
 def _kth_largest_magnitude(flat: torch.Tensor, count: int) -> tuple[torch.Tensor, int]:
-    """The count-th largest |entry| of a 1-D tensor, exactly, and how many entries have |entry| >= it.
+    """The count-th largest |entry| of a 1-D tensor (in its compute dtype), exactly, and how many entries have
+    |entry| >= it. Large CPU tensors: :func:`_kth_largest_by_bracket`.
 
     On the CPU numpy's introselect (``ndarray.partition``, in place on |Δ|) finds it in a few passes over
     memory, where ``torch.kthvalue`` and ``torch.topk`` take about ten times as long; elsewhere ``torch.kthvalue``.
     """
     n = flat.numel()
+    if n >= NATIVE_MIN_NUMEL and native.supports(flat):
+        found = _kth_largest_by_bracket(flat, count)
+        if found is not None:
+            return found
     if flat.device.type == "cpu":
-        mag = np.abs(flat.detach().numpy())
+        mag = np.abs(flat.detach().to(torch.promote_types(flat.dtype, torch.float32)).numpy())
         mag.partition(n - count)  # mag[n - count] in its sorted place; <= before it, >= after it
         value = mag[n - count]
         return torch.as_tensor(value), count + int(np.count_nonzero(mag[: n - count] == value))
-    mag = flat.abs()
+    mag = flat.to(torch.promote_types(flat.dtype, torch.float32)).abs()
     value = torch.kthvalue(mag, n - count + 1).values
     return value, int(torch.count_nonzero(mag >= value))
+
+
+def _kth_largest_by_bracket(flat: torch.Tensor, count: int) -> tuple[torch.Tensor, int] | None:
+    """Floyd–Rivest selection: a strided sample brackets the threshold, one counting pass checks the bracket, and
+    only the entries inside it (~1% of the tensor) are partitioned. None if the sample missed (or a NaN)."""
+    n = flat.numel()
+    work_dtype = torch.promote_types(flat.dtype, torch.float32)
+    stride = max(1, n // (1 << 16))
+    sample = np.sort(np.abs(flat[::stride].to(work_dtype).numpy()))[::-1]  # descending
+    m, j = sample.size, count * sample.size / n  # the threshold's expected rank in the sample
+    margin = 4.0 * math.sqrt(j * (1 - count / n)) + 16
+    hi = math.inf if j - margin < 0 else float(sample[int(j - margin)])
+    lo = 0.0 if j + margin >= m else float(sample[int(j + margin)])
+    above, inside = native.bracket(flat, lo, hi)
+    if inside is None or not above < count <= above + inside.numel():
+        return None
+    values = inside.numpy()
+    r = values.size - (count - above)  # the threshold's index in the bracket sorted ascending
+    values.partition(r)
+    value = values[r]
+    return torch.as_tensor(value), above + int(np.count_nonzero(values >= value))
 
 
 def extrapolate(delta: torch.Tensor, alpha: float) -> torch.Tensor:

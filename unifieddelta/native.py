@@ -129,6 +129,58 @@ void keepabove_##S##_##W(const void *restrict x, void *restrict out, int64_t n, 
     }                                                                                                      \
 }
 KEEPABOVE(f32, float) KEEPABOVE(bf16, float) KEEPABOVE(f64, double)
+
+/* magnitude trim's selection: counts of |x| >= hi, lo <= |x| < hi and NaN (one read); then the bracket's |x| */
+#define BRACKET(S, W)                                                                                       \
+void count_##S##_##W(const void *restrict x, int64_t n, double lo, double hi, int64_t *restrict counts) {  \
+    const W l = (W)lo, h = (W)hi;                                                                          \
+    int64_t above = 0, in = 0, nan = 0;                                                                    \
+    for (int64_t i0 = 0; i0 < n; i0 += 1 << 20) { /* 32-bit counters vectorize; 2^20 entries cannot overflow */\
+        int32_t ab = 0, inn = 0, na = 0;                                                                   \
+        const int64_t end = n < i0 + (1 << 20) ? n : i0 + (1 << 20);                                      \
+        for (int64_t i = i0; i < end; i++) {                                                               \
+            W a = fabs((W)ld_##S(x, i));                                                                   \
+            ab += a >= h; inn += (a >= l) & (a < h); na += a != a;                                         \
+        }                                                                                                  \
+        above += ab; in += inn; nan += na;                                                                 \
+    }                                                                                                      \
+    counts[0] = above; counts[1] = in; counts[2] = nan;                                                    \
+}                                                                                                          \
+void gather_##S##_##W(const void *restrict x, int64_t n, double lo, double hi, W *restrict buf) {         \
+    const W l = (W)lo, h = (W)hi;                                                                          \
+    int64_t j = 0;                                                                                         \
+    for (int64_t i0 = 0; i0 < n; i0 += 16) { /* a vectorized test per 16 entries; few blocks hold any */    \
+        const int64_t end = n < i0 + 16 ? n : i0 + 16;                                                    \
+        int any = 0;                                                                                       \
+        for (int64_t i = i0; i < end; i++) {                                                               \
+            W a = fabs((W)ld_##S(x, i));                                                                   \
+            any |= (a >= l) & (a < h);                                                                     \
+        }                                                                                                  \
+        if (any)                                                                                           \
+            for (int64_t i = i0; i < end; i++) {                                                           \
+                W a = fabs((W)ld_##S(x, i));                                                               \
+                if (a >= l && a < h) buf[j++] = a;                                                         \
+            }                                                                                              \
+    }                                                                                                      \
+}
+BRACKET(f32, float) BRACKET(bf16, float) BRACKET(f64, double)
+
+/* magnitude trim's ties: the indices of the last k entries with |x| == t, scanning back 16 entries at a time */
+#define LASTTIES(S, W)                                                                                      \
+int64_t lastties_##S##_##W(const void *restrict x, int64_t n, double t, int64_t k, int64_t *restrict idx) { \
+    const W v = (W)t;                                                                                      \
+    int64_t found = 0;                                                                                     \
+    for (int64_t e = n; e > 0 && found < k; e -= 16) {                                                     \
+        const int64_t s = e < 16 ? 0 : e - 16;                                                            \
+        int any = 0;                                                                                       \
+        for (int64_t i = s; i < e; i++) any |= fabs((W)ld_##S(x, i)) == v;                                 \
+        if (any)                                                                                           \
+            for (int64_t i = e - 1; i >= s && found < k; i--)                                              \
+                if (fabs((W)ld_##S(x, i)) == v) idx[found++] = i;                                          \
+    }                                                                                                      \
+    return found;                                                                                          \
+}
+LASTTIES(f32, float) LASTTIES(bf16, float) LASTTIES(f64, double)
 """
 
 #: Tensors smaller than this run single-threaded (thread start-up would cost more than it saves).
@@ -187,7 +239,9 @@ def _declare(lib: ctypes.CDLL) -> None:
         for w in ("float", "double"):
             specs = [(f"dare{z}_{s}_{w}", [p, p, i64, u32, u32, u32, u32, f64, f64], None) for z in (0, 1)]
             specs += [(f"edit{m}_{s}_{w}", [p, p, p, i64, u32, u32, u32, u32, f64, f64], i64) for m in (0, 1, 2)]
-            specs += [(f"signscale_{s}_{w}", [p, p, i64, f64], None), (f"keepabove_{s}_{w}", [p, p, i64, f64], None)]
+            specs += [(f"signscale_{s}_{w}", [p, p, i64, f64], None), (f"keepabove_{s}_{w}", [p, p, i64, f64], None),
+                      (f"count_{s}_{w}", [p, i64, f64, f64, p], None), (f"gather_{s}_{w}", [p, i64, f64, f64, p], None),
+                      (f"lastties_{s}_{w}", [p, i64, f64, i64, p], i64)]
             for name, args, res in specs:
                 if hasattr(lib, name):  # getattr caches the function object; lib[name] would not
                     fn = getattr(lib, name)
@@ -294,6 +348,29 @@ def keep_above(x: torch.Tensor, below: float) -> torch.Tensor:
     fn = getattr(lib, f"keepabove_{_code(x.dtype)}_{_work(x.dtype)}")
     _parallel(lambda a, b: fn(_ptr(x, a), _ptr(out, a), b - a, below), x.numel())
     return out
+
+
+def bracket(x: torch.Tensor, lo: float, hi: float) -> tuple[int, torch.Tensor | None]:
+    """(#|x| >= hi, the |x| with lo <= |x| < hi in x's compute dtype), or (0, None) if x has a NaN."""
+    w = _work(x.dtype)
+    count, gather = getattr(library(), f"count_{_code(x.dtype)}_{w}"), getattr(library(), f"gather_{_code(x.dtype)}_{w}")
+    chunks = _chunks(x.numel())
+    counts = torch.zeros(len(chunks), 3, dtype=torch.int64)
+    _parallel(lambda a, b: count(_ptr(x, a), b - a, lo, hi, counts[chunks.index((a, b))].data_ptr()), x.numel())
+    if counts[:, 2].sum():
+        return 0, None
+    starts = [0, *counts[:, 1].cumsum(0).tolist()]
+    buf = torch.empty(starts[-1], dtype=torch.float64 if w == "double" else torch.float32)
+    _parallel(lambda a, b: gather(_ptr(x, a), b - a, lo, hi, _ptr(buf, starts[chunks.index((a, b))])), x.numel())
+    return int(counts[:, 0].sum()), buf
+
+
+def last_ties(x: torch.Tensor, value: float, k: int) -> torch.Tensor:
+    """The indices of the last k entries of x (in index order) with |x| == value (compared in x's compute dtype)."""
+    idx = torch.empty(k, dtype=torch.int64)
+    found = getattr(library(), f"lastties_{_code(x.dtype)}_{_work(x.dtype)}")(x.data_ptr(), x.numel(), value, k,
+                                                                                idx.data_ptr())  # fmt: skip
+    return idx[:found]
 
 
 if __name__ == "__main__":  # python -m unifieddelta.native: build the kernels now and say where they are
