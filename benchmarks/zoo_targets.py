@@ -1,53 +1,94 @@
-"""Measure the zoo's targets (issue 5) and print them as one table per target.
+"""Measure the zoo's targets (issue 5) and print them as one table per pair.
 
-    python benchmarks/zoo_targets.py [--widths] [--names NAME ...]
+    python benchmarks/zoo_targets.py [--widths] [--names NAME ...] [--dare-sweep [P ...]] [--json PATH]
 
 Builds (or loads from the cache) each pair and reports: build seconds and cache-hit seconds; for LM pairs the
-median per-matrix ‖ΔW‖/‖W_pre‖, the lm-eval scores of pre, post and post with DARE p=0.5 (and of the DPO model),
-the held-out preference metrics of DPO, and the time of one lm-eval pass; for ViT pairs the accuracy of the
-linear probe (pre) and of the fine-tune (post).
+median per-matrix ‖ΔW‖/‖W_pre‖, the lm-eval scores of pre, post and post with DARE (p=0.5, or each p of
+``--dare-sweep``, default 0.3 0.5 0.7 0.9) and where DARE breaks (the smallest p at which some task drops more
+than 2 points below post); for ``tiny-lm-dpo`` (pre = SFT, post = DPO) the held-out preference metrics; the time
+of one lm-eval pass; for ViT pairs the accuracy of the linear probe (pre) and of the fine-tune (post).
+
+DARE goes through the module's own path (``deltas.apply_edit(pre, post, "dare", seed=0, p=p)``, every tensor),
+so its masks are whatever ``edits.dare`` draws for that seed. ``--json`` writes every number printed.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
-import zlib
 
 import pandas as pd
-import torch
 from safetensors.torch import load_file
 
 from unifieddelta import zoo
 from unifieddelta.evaluate import evaluate_lm
 
+#: A task "breaks" under an edit when it loses more than this (accuracy/exact match, in [0, 1]) against post.
+BREAK = 0.02
+
 
 def rel_change(pre, post) -> float:
+    """Median over the 2-D tensors of ‖W_post − W_pre‖ / ‖W_pre‖."""
     a, b = load_file(str(pre / "model.safetensors")), load_file(str(post / "model.safetensors"))
     return statistics.median(((b[k] - a[k]).norm() / a[k].norm()).item() for k in a if a[k].ndim == 2)
 
 
-def dare_model(pre, post, p: float = 0.5, seed: int = 0):
-    from transformers import LlamaForCausalLM
+def dare_model(pre, post, p: float, seed: int = 0):
+    from unifieddelta.deltas import apply_edit
 
-    from unifieddelta.edits import dare
+    return apply_edit(pre, post, "dare", seed=seed, p=p)
 
-    model = LlamaForCausalLM.from_pretrained(post)
-    w_pre = load_file(str(pre / "model.safetensors"))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            g = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
-            param.copy_(w_pre[name] + dare(param - w_pre[name], p, generator=g))
-    return model
+
+def breaks_at(table: pd.DataFrame, ps: list[float]) -> float | None:
+    """The smallest p whose DARE column loses more than ``BREAK`` on some task against post (None: none)."""
+    for p in sorted(ps):
+        if ((table["post"] - table[f"DARE p={p}"]) > BREAK + 1e-9).any():
+            return p
+    return None
+
+
+def measure_lm(name: str, pre, post, ps: list[float]) -> dict:
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(post)
+    rel = rel_change(pre, post)
+    print(f"median per-matrix |dW|/|W_pre| = {rel:.4f}")
+    table, times = {}, {}
+    models = [("pre", lambda: LlamaForCausalLM.from_pretrained(pre)),
+              ("post", lambda: LlamaForCausalLM.from_pretrained(post))]
+    models += [(f"DARE p={p}", lambda p=p: dare_model(pre, post, p)) for p in ps]
+    for label, make in models:
+        model = make()
+        start = time.perf_counter()
+        table[label] = evaluate_lm(model, tok).set_index("task")["value"]
+        times[label] = time.perf_counter() - start
+    table = pd.DataFrame(table)
+    labels = ("SFT", "DPO") if name == "tiny-lm-dpo" else ("pre", "post")
+    print(table.rename(columns=dict(zip(("pre", "post"), labels))).round(3).to_string())
+    diff = (table["post"] - table["pre"]).round(3)
+    print(f"{labels[1]} - {labels[0]} (points): " + ", ".join(f"{t} {100 * v:+.0f}" for t, v in diff.items()))
+    out = {"rel_change": rel, "scores": table.to_dict(), "eval_seconds": times}
+    if ps:
+        at = breaks_at(table, ps)
+        print(f"DARE breaks (some task > {100 * BREAK:.0f} points below post) at p = {at if at is not None else '> ' + str(max(ps))}")
+        out["dare_breaks_at"] = at
+    print("lm-eval pass seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in times.items()))
+    return out
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--widths", action="store_true")
-    ap.add_argument("--names", nargs="*")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--widths", action="store_true", help="also the LM width family")
+    ap.add_argument("--names", nargs="*", help="only these pairs")
+    ap.add_argument("--dare-sweep", nargs="*", type=float, metavar="P",
+                    help="evaluate DARE at each p (default 0.3 0.5 0.7 0.9) instead of p=0.5 alone")
+    ap.add_argument("--json", help="write the measurements to this file")
     args = ap.parse_args()
+    ps = [0.5] if args.dare_sweep is None else (args.dare_sweep or [0.3, 0.5, 0.7, 0.9])
     names = args.names or (zoo.names() if args.widths else zoo.default_names())
+    results = {}
     for name in names:
         start = time.perf_counter()
         pre, post = zoo.load_pair(name, progress=False)
@@ -57,21 +98,12 @@ def main() -> None:
         hit = time.perf_counter() - start
         d = zoo.describe(name)
         print(f"\n== {name}: first call {built:.1f} s, second call {hit:.2f} s; metrics {d['metrics']}")
-        if name.startswith("tiny-vit/"):
-            continue
-        from transformers import AutoTokenizer, LlamaForCausalLM
-
-        tok = AutoTokenizer.from_pretrained(post)
-        print(f"median per-matrix |dW|/|W_pre| = {rel_change(pre, post):.4f}")
-        table, times = {}, {}
-        for label, model in [("pre", LlamaForCausalLM.from_pretrained(pre)),
-                             ("post", LlamaForCausalLM.from_pretrained(post)),
-                             ("post+DARE p=0.5", dare_model(pre, post))]:
-            start = time.perf_counter()
-            table[label] = evaluate_lm(model, tok).set_index("task")["value"]
-            times[label] = time.perf_counter() - start
-        print(pd.DataFrame(table).round(3).to_string())
-        print("lm-eval pass seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in times.items()))
+        results[name] = {"first_call_seconds": built, "cache_hit_seconds": hit, "metrics": d["metrics"]}
+        if not name.startswith("tiny-vit/"):
+            results[name].update(measure_lm(name, pre, post, [] if name == "tiny-lm-dpo" else ps))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1, default=str)
 
 
 if __name__ == "__main__":
