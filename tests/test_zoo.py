@@ -70,6 +70,25 @@ def test_recipe_change_rebuilds_only_later_stages():
     assert LMRecipe(**{**TINY_LM.__dict__, "dpo_beta": 0.5}).key("sft") == TINY_LM.key("sft")
 
 
+def test_fields_added_later_keep_old_keys_until_changed():
+    # init_std / pre_task were added after caches were built: at their old value they are not hashed.
+    base = {k: v for k, v in TINY_LM.__dict__.items() if k != "init_std"}
+    assert LMRecipe(**base, init_std=0.02).key("pre") == TINY_LM.key("pre")
+    assert LMRecipe(**base, init_std=0.05).key("pre") != TINY_LM.key("pre")
+    other = {k: v for k, v in TINY_VIT.__dict__.items() if k != "pre_task"}
+    assert ViTRecipe(**other, pre_task="rotation").key("pre") != TINY_VIT.key("pre")
+
+
+def test_init_std_reaches_the_model():
+    from unifieddelta.zoo import lm
+
+    recipe = LMRecipe(width=16, layers=1, heads=2, init_std=0.3)
+    tok = lm.train_tokenizer(["Question: What is 1 + 2?\nAnswer: 3"] * 4, 300)
+    model = lm.new_model(recipe, tok)
+    assert model.config.initializer_range == 0.3
+    assert 0.2 < model.model.layers[0].mlp.up_proj.weight.std().item() < 0.4
+
+
 def test_corrupted_entry_is_detected_and_rebuilt():
     pre, sft = load_pair("tiny-lm", recipe=TINY_LM)
     good = _weights(sft)
@@ -97,6 +116,18 @@ def test_vit_pair_end_to_end():
     assert load_pair("tiny-vit/rot90", recipe=TINY_VIT) == (pre, post)
     with pytest.raises(InvalidParameterError, match="unknown vision task"):
         evaluate_vision(m_post, "rot45")
+
+
+def test_vit_backbone_pretrained_on_rotations():
+    from unifieddelta.zoo import vit
+
+    recipe = ViTRecipe(**{**TINY_VIT.__dict__, "pre_task": "rotation"})
+    x, y = vit.pretrain_data(recipe)
+    assert set(y.tolist()) == {0, 1, 2, 3} and len(x) == 4 * len(vit.task_data("digits", split="train")[1])
+    pre, post = load_pair("tiny-vit/noise", recipe=recipe)
+    assert pre.parent != load_pair("tiny-vit/noise", recipe=TINY_VIT)[0].parent
+    with pytest.raises(InvalidParameterError, match="pre-training task"):
+        load_pair("tiny-vit/noise", recipe=ViTRecipe(**{**TINY_VIT.__dict__, "pre_task": "jigsaw"}))
 
 
 @pytest.mark.parametrize("name", ["tiny-gpt", "tiny-lm/7", "tiny-lm/wide", "tiny-vit/rot45", "tiny-vit", ""])

@@ -50,7 +50,7 @@ def new_model(recipe: LMRecipe, tokenizer):
         num_attention_heads=recipe.heads, num_key_value_heads=recipe.heads,
         intermediate_size=int(8 * recipe.width / 3 + 7) // 8 * 8, max_position_embeddings=2 * recipe.seq_len,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=False, initializer_range=recipe.init_std,
     )
     return LlamaForCausalLM(config)
 

@@ -55,6 +55,27 @@ TRANSFORMS = {
 TASKS = [t for t in TRANSFORMS if t != PRETRAIN_TASK]
 
 
+def _upright(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return x, y
+
+
+def _low_digits(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    keep = y < 5
+    return x[keep], y[keep]
+
+
+def _rotation(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Self-supervised: each image at 0, 90, 180 and 270 degrees, labelled by its rotation (0..3)."""
+    xs = [torch.rot90(x, k, dims=(-2, -1)) for k in range(4)]
+    return torch.cat(xs), torch.arange(4).repeat_interleave(len(x))
+
+
+#: What the backbone can be pre-trained on (``ViTRecipe.pre_task``): ``(images, labels) -> (images, labels)`` of
+#: the upright digits. ``digits``: the ten digits; ``digits_low``: only 0-4; ``rotation``: which way an image is
+#: turned (no digit labels at all), so a linear probe on its features is a weak start for the digit tasks.
+PRETRAIN_TASKS = {"digits": _upright, "digits_low": _low_digits, "rotation": _rotation}
+
+
 @lru_cache(maxsize=4)
 def _digits(n_test: int, seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """scikit-learn's digits in [0, 1], shape (N, 1, 8, 8), split once by a seeded permutation."""
@@ -81,6 +102,18 @@ def task_data(task: str, *, split: str = "test", image_size: int = 16, seed: int
     return x, y
 
 
+def pretrain_data(recipe: ViTRecipe, *, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(pixel_values, labels)`` of the recipe's pre-training task (training digits only, upscaled)."""
+    if recipe.pre_task not in PRETRAIN_TASKS:
+        raise InvalidParameterError(
+            f"unknown pre-training task {recipe.pre_task!r}; known: {', '.join(PRETRAIN_TASKS)}")
+    x, y = _digits(N_TEST, recipe.seed)[split]
+    x, y = PRETRAIN_TASKS[recipe.pre_task](x, y)
+    if recipe.image_size != x.shape[-1]:
+        x = F.interpolate(x, size=(recipe.image_size, recipe.image_size), mode="bilinear", align_corners=False)
+    return x, y
+
+
 def new_model(recipe: ViTRecipe):
     """A freshly initialised one-channel ``ViTForImageClassification`` with ten labels (seeded)."""
     from transformers import ViTConfig, ViTForImageClassification
@@ -93,14 +126,15 @@ def new_model(recipe: ViTRecipe):
     return ViTForImageClassification(config)
 
 
-def _train(model, recipe: ViTRecipe, task: str, steps: int, batch: int, lr: float, progress: bool) -> float:
-    """Train ``model`` on a task's training images with the ``Trainer``; return the last logged loss."""
+def _train(model, recipe: ViTRecipe, xy: tuple[torch.Tensor, torch.Tensor], steps: int, batch: int, lr: float,
+           progress: bool) -> float:
+    """Train ``model`` on images ``xy = (x, y)`` with the ``Trainer``; return the last logged loss."""
     from transformers import Trainer, TrainingArguments, set_seed
 
     from .lm import _final_loss, _quiet
 
     set_seed(recipe.seed)
-    x, y = task_data(task, split="train", image_size=recipe.image_size, seed=recipe.seed)
+    x, y = xy
     data = [{"pixel_values": a, "labels": b} for a, b in zip(x, y)]
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(output_dir=tmp, max_steps=steps, per_device_train_batch_size=batch,
@@ -130,9 +164,12 @@ def _pretrain(recipe: ViTRecipe, out: Path, progress: bool) -> dict:
     from ..evaluate import evaluate_vision
 
     model = new_model(recipe)
-    loss = _train(model, recipe, PRETRAIN_TASK, recipe.pre_steps, recipe.pre_batch, recipe.pre_lr, progress)
+    loss = _train(model, recipe, pretrain_data(recipe), recipe.pre_steps, recipe.pre_batch, recipe.pre_lr, progress)
     model.save_pretrained(out)
-    return {"train_loss": loss, "test_accuracy": evaluate_vision(model, PRETRAIN_TASK),
+    x, y = pretrain_data(recipe, split="test")
+    with torch.no_grad():
+        acc = float((model.eval()(pixel_values=x).logits.argmax(-1) == y).float().mean())
+    return {"train_loss": loss, "pretrain_test_accuracy": acc, "digits_test_accuracy": evaluate_vision(model, PRETRAIN_TASK),
             "parameters": sum(p.numel() for p in model.parameters())}
 
 
@@ -146,7 +183,8 @@ def _task_pair(recipe: ViTRecipe, task: str, backbone: Path, out: Path, progress
     _fit_head(model, recipe, task)
     model.save_pretrained(out / "pre")
     pre_acc = evaluate_vision(model, task)
-    loss = _train(model, recipe, task, recipe.ft_steps, recipe.ft_batch, recipe.ft_lr, progress)
+    data = task_data(task, split="train", image_size=recipe.image_size, seed=recipe.seed)
+    loss = _train(model, recipe, data, recipe.ft_steps, recipe.ft_batch, recipe.ft_lr, progress)
     model.save_pretrained(out / "post")
     return {"pre_accuracy": pre_acc, "post_accuracy": evaluate_vision(model, task), "train_loss": loss}
 
