@@ -42,6 +42,7 @@ THREADS = 2
 GiB = 1 << 30
 TARGETS = {"dare": 0.25, "bitdelta": 0.3, "magnitude_trim": 0.1, "extrapolate": 0.5}  # fraction of copy speed, fp32
 P, KEEP, RANK, ALPHA = 0.9, 0.1, 64, 0.5  # DARE drop rate, trim's kept fraction, low rank, EXPO's alpha
+SKIPPED = "not timed with --quick"  # the naive 4-bit BitDelta's full sort: 5 s of the minute --quick has
 
 
 def _sync() -> None:
@@ -113,7 +114,7 @@ def naive_low_rank(d: torch.Tensor, r: int) -> torch.Tensor:
     return ((u[:, :r] * s[:r]) @ v[:, :r].T).to(d.dtype)
 
 
-def cases(d: torch.Tensor, g: torch.Generator):
+def cases(d: torch.Tensor, g: torch.Generator, quick: bool = False):
     """name -> (ours, {peer: fn or None if not installed}) for the delta ``d``."""
     peft, mk = _peft(), _mergekit()
     l1 = mk.RescaleNorm.l1 if mk else None
@@ -134,7 +135,8 @@ def cases(d: torch.Tensor, g: torch.Generator):
              "naive": lambda: d * (torch.rand(d.shape, generator=g, device=d.device) >= P)},
         ),
         "bitdelta": (lambda: edits.bitdelta(d), {"peft": gone, "mergekit": gone, "naive": lambda: d.sign() * d.abs().mean()}),
-        "bitdelta_4bit": (lambda: edits.bitdelta(d, 4), {"peft": gone, "mergekit": gone, "naive": lambda: naive_bitdelta_bits(d, 4)}),
+        "bitdelta_4bit": (lambda: edits.bitdelta(d, 4), {"peft": gone, "mergekit": gone,
+                                                         "naive": SKIPPED if quick else lambda: naive_bitdelta_bits(d, 4)}),
         "magnitude_trim": (
             lambda: edits.magnitude_trim(d, KEEP),
             {"peft": peft_(lambda: peft.magnitude_based_pruning(d, KEEP)),
@@ -147,13 +149,13 @@ def cases(d: torch.Tensor, g: torch.Generator):
     }  # fmt: skip
 
 
-def bench_edits(n: int, dtypes: list[torch.dtype], device: str = "cpu") -> dict:
+def bench_edits(n: int, dtypes: list[torch.dtype], device: str = "cpu", quick: bool = False) -> dict:
     results = {}
     for dtype in dtypes:
         d = (torch.randn(n, n, generator=torch.Generator().manual_seed(0)) * 1e-3).to(device=device, dtype=dtype)
         dst = torch.empty_like(d)
         g = torch.Generator(device=device).manual_seed(1)
-        todo = cases(d, g)
+        todo = cases(d, g, quick)
         # Warm-up: a process's first large allocations stall on huge-page compaction (the first DARE calls ran
         # 5x slower than the steady state here), which is start-up, not the edit: run the fast edits first.
         for _ in range(3):
@@ -402,12 +404,12 @@ def table(results: dict) -> str:
     for name, row in results["edits"].items():
         speed = row["copy_s"] / row["ours_s"]
         target = TARGETS.get(name)
-        peers = [f"{row['peers_copy_s'][p] / v:.3f}" if isinstance(v, float) else ("-" if v == "no such operation" else "n/i")
+        peers = [f"{row['peers_copy_s'][p] / v:.3f}" if isinstance(v, float) else ("-" if v == "no such operation" else "n/t" if v == SKIPPED else "n/i")
                  for p, v in row["peers"].items()]  # fmt: skip
         met = "" if target is None else ("yes" if speed >= target else "NO")
         lines.append(f"{name:26s} {row['ours_s']:9.4f} {row['copy_s']:9.4f} {speed:7.3f} "
                      f"{'' if target is None else target:>7} {met:>4s} {peers[0]:>7s} {peers[1]:>9s} {peers[2]:>7s}")  # fmt: skip
-    lines.append("  (- : the peer has no such operation; n/i : not installed)")
+    lines.append("  (- : the peer has no such operation; n/i : not installed; n/t : not timed with --quick)")
     model = results.get("model_1b")
     if model:
         lines.append(f"synthetic model, {model['parameters'] / 1e9:.2f}B {model['dtype']} parameters, every tensor:")
@@ -461,7 +463,7 @@ def main(argv=None) -> int:
         results["edits"] = bench_edits(n, [torch.bfloat16], args.device)
         results["model_1b"] = bench_model(args.device)
     else:
-        results["edits"] = bench_edits(n, [torch.float32] if args.quick else [torch.float32, torch.bfloat16])
+        results["edits"] = bench_edits(n, [torch.float32] if args.quick else [torch.float32, torch.bfloat16], quick=args.quick)
         results["low_rank_error"] = low_rank_error(512 if args.quick else 1024)
         if not args.no_streaming:
             results["streaming"] = bench_streaming(args.quick, with_mergekit=not args.quick)
