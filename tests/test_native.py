@@ -138,3 +138,15 @@ def test_a_missing_compiler_warns_once_and_torch_does_the_same_math(monkeypatch,
         got = edits.dare(x, 0.5, generator=gen(6))
     assert same_bits(got, ref)
     assert native.library() is None  # no second attempt, no second warning
+
+
+def test_a_forked_child_makes_its_own_thread_pool(monkeypatch):
+    x = values(torch.float32)
+    ref = edits.dare(x, 0.5, generator=gen(7))  # the thread pool exists now
+    if torch.get_num_threads() < 2:
+        pytest.skip("one thread: no pool")
+    parent_pool = native._pool[0]
+    # a child of os.fork inherits the pool object but none of its threads: the pid tells it apart
+    monkeypatch.setattr(native, "_pool", (parent_pool, -1))
+    assert same_bits(edits.dare(x, 0.5, generator=gen(7)), ref)
+    assert native._pool[0] is not parent_pool

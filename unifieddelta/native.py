@@ -187,7 +187,7 @@ LASTTIES(f32, float) LASTTIES(bf16, float) LASTTIES(f64, double)
 _PARALLEL_MIN = 1 << 16
 _lib: ctypes.CDLL | None = None
 _failed: list[str] = []
-_pool: ThreadPoolExecutor | None = None
+_pool: tuple[ThreadPoolExecutor, int] | None = None  # (pool, pid of the process that made it)
 
 
 def _flags() -> list[str]:
@@ -278,9 +278,11 @@ def _parallel(call, n: int, min_size: int = _PARALLEL_MIN) -> list:
     chunks = _chunks(n, min_size)
     if len(chunks) == 1:
         return [call(*chunks[0])]
-    if _pool is None or _pool._max_workers < len(chunks):
-        _pool = ThreadPoolExecutor(max_workers=len(chunks), thread_name_prefix="unifieddelta")
-    return list(_pool.map(lambda c: call(*c), chunks))
+    if _pool is None or _pool[1] != os.getpid() or _pool[0]._max_workers < len(chunks):  # a forked child has
+        if _pool is not None and _pool[1] == os.getpid():  # no threads: it makes its own pool
+            _pool[0].shutdown(wait=False)
+        _pool = (ThreadPoolExecutor(max_workers=len(chunks), thread_name_prefix="unifieddelta"), os.getpid())
+    return list(_pool[0].map(lambda c: call(*c), chunks))
 
 
 def _stream_parallel(call, n: int, offset: int, key: tuple[int, int]) -> list:
