@@ -403,6 +403,16 @@ def test_parameters_out_of_range_raise(call):
         call(rand(4, 3))
 
 
+@pytest.mark.parametrize("method,params", [("dare", {"p": 0.5}), ("drop_only", {"p": 0.5}), ("bitdelta", {}),
+                                           ("magnitude_trim", {"keep": 0.5}), ("extrapolate", {"alpha": 0.5})])
+def test_a_0d_delta_is_edited_like_a_one_entry_tensor(method, params):
+    scalar = torch.tensor(0.3, dtype=torch.float64)
+    extra = {"generator": gen(3)} if edits.needs_generator(method) else {}
+    got = edits.METHODS[method](scalar, **params, **extra)
+    one = edits.METHODS[method](scalar.reshape(1), **params, **({"generator": gen(3)} if extra else {}))
+    assert got.shape == () and got.dtype == scalar.dtype and torch.equal(got.reshape(1), one)
+
+
 def test_random_masks_do_not_depend_on_the_delta_dtype():
     delta = rand(50, 40, seed=26).abs() + 0.1
     masks = [edits.dare(delta.to(dt), 0.37, generator=gen(8)) == 0 for dt in DTYPES]

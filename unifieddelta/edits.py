@@ -58,12 +58,17 @@ __all__ = [
 # --- helpers -------------------------------------------------------------------------------------------------
 
 
-def _work(delta: torch.Tensor) -> torch.Tensor:
-    """The delta in its compute dtype: float32 or better (float64 input stays float64)."""
+def _check_float(delta: torch.Tensor) -> None:
+    """An ``InvalidParameterError`` unless delta is a floating-point tensor (no copy made)."""
     if not isinstance(delta, torch.Tensor) or not delta.is_floating_point():
         raise InvalidParameterError(
             f"delta must be a floating-point tensor, got {getattr(delta, 'dtype', type(delta).__name__)}"
         )
+
+
+def _work(delta: torch.Tensor) -> torch.Tensor:
+    """The delta in its compute dtype: float32 or better (float64 input stays float64)."""
+    _check_float(delta)
     return delta.to(torch.promote_types(delta.dtype, torch.float32))
 
 
@@ -168,8 +173,7 @@ def rescale_factor(p: float, k: float = 0.0) -> float:
 
 def _dare_kernel(delta, lo, k0, k1, thr, keep, k, zero_dropped: bool):
     """One pass: hash → drop mask → rescale. Dropped entries become k·Δ (+0.0 when k = 0), kept ones keep·Δ."""
-    i = torch.arange(delta.numel(), dtype=torch.int32, device=delta.device) + lo
-    drop = ((_mix(_mix(i ^ k0) ^ k1) >> 8) & 0xFFFFFF) < thr
+    drop = _bits_kernel(delta, lo, k0, k1) < thr
     work = delta.reshape(-1).to(keep.dtype)
     kept = work * keep
     out = torch.where(drop, 0.0, kept) if zero_dropped else torch.where(drop, work * k, kept)
@@ -235,7 +239,7 @@ def dare(
     """
     p = _in_range("p", p, 0.0, 1.0, lo_open=False, hi_open=True)
     k = _finite("k", k)
-    _work(delta)  # type check
+    _check_float(delta)
     return _stream_rescale(delta, p, rescale_factor(p, k), k, generator, offset)
 
 
@@ -245,7 +249,7 @@ def drop_only(
     """F(Δ) = (1−M)·Δ, M ~ Bernoulli(p) from the same stream as :func:`dare`, no rescale (the paper's Fig. 3
     baseline); p in [0, 1]."""
     p = _in_range("p", p, 0.0, 1.0, lo_open=False, hi_open=False)
-    _work(delta)
+    _check_float(delta)
     return _stream_rescale(delta, p, 1.0, 0.0, generator, offset)
 
 
@@ -273,7 +277,7 @@ def bitdelta(
     if magnitudes != "mean" and bits != 0:
         raise InvalidParameterError(f"magnitudes={magnitudes!r} draws one distribution per tensor: use bits=0")
     if bits == 0 and magnitudes == "mean":  # the paper's BitDelta: one magnitude per tensor, no sort, no copy
-        _work(delta[:0])  # type check
+        _check_float(delta)
         if delta.numel() == 0:
             return delta.clone()
         # mean |Δ| accumulated in float64 (one read, no |Δ| temporary), then sign·mean in one pass
@@ -378,7 +382,7 @@ def magnitude_trim(delta: torch.Tensor, keep: float) -> torch.Tensor:
     (:func:`_kth_largest_magnitude`).
     """
     keep = _in_range("keep", keep, 0.0, 1.0, lo_open=True, hi_open=False)
-    _work(delta[:0])  # type check
+    _check_float(delta)
     flat = delta.reshape(-1)
     n = flat.numel()
     count = math.floor(keep * n + 0.5)

@@ -260,7 +260,8 @@ def _code(dtype: torch.dtype) -> str:
     return _DTYPES[dtype]
 
 
-def _work(dtype: torch.dtype) -> str:
+def _ctype(dtype: torch.dtype) -> str:
+    """The C type a storage dtype computes in."""
     return "double" if dtype == torch.float64 else "float"
 
 
@@ -308,7 +309,7 @@ def _ptr(t: torch.Tensor, start: int) -> int:
 def dare(x: torch.Tensor, offset: int, key: tuple[int, int], thr: int, keep: float, k: float) -> torch.Tensor:
     """edits.dare's entry-wise rescale of a contiguous delta (any shape), from DARE's stream."""
     lib, out = library(), torch.empty_like(x)
-    fn = getattr(lib, f"dare{int(k == 0.0)}_{_code(x.dtype)}_{_work(x.dtype)}")
+    fn = getattr(lib, f"dare{int(k == 0.0)}_{_code(x.dtype)}_{_ctype(x.dtype)}")
     _stream_parallel(lambda a, b, lo, k0, k1h: fn(_ptr(x, a), _ptr(out, a), b - a, lo, k0, k1h, thr, keep, k),
                      x.numel(), offset, key)  # fmt: skip
     return out
@@ -320,7 +321,7 @@ def edit(pre: torch.Tensor, post: torch.Tensor, compute: torch.dtype, *, offset:
     non-finite deltas. F is DARE's rescale (or Δ·keep with ``scale_only``)."""
     lib, out = library(), torch.empty_like(post)
     mode = 2 if scale_only else int(k == 0.0)
-    fn = getattr(lib, f"edit{mode}_{_code(post.dtype)}_{_work(compute)}")
+    fn = getattr(lib, f"edit{mode}_{_code(post.dtype)}_{_ctype(compute)}")
     bad = _stream_parallel(lambda a, b, lo, k0, k1h: fn(_ptr(pre, a), _ptr(post, a), _ptr(out, a), b - a, lo, k0,
                                                         k1h, thr, keep, k), post.numel(), offset, key)  # fmt: skip
     return out, sum(bad)
@@ -339,7 +340,7 @@ def abs_sum(x: torch.Tensor) -> float:
 def sign_scale(x: torch.Tensor, mean: float) -> torch.Tensor:
     """sign(x)·mean in x's compute type, rounded to x's dtype."""
     lib, out = library(), torch.empty_like(x)
-    fn = getattr(lib, f"signscale_{_code(x.dtype)}_{_work(x.dtype)}")
+    fn = getattr(lib, f"signscale_{_code(x.dtype)}_{_ctype(x.dtype)}")
     _parallel(lambda a, b: fn(_ptr(x, a), _ptr(out, a), b - a, mean), x.numel())
     return out
 
@@ -347,14 +348,14 @@ def sign_scale(x: torch.Tensor, mean: float) -> torch.Tensor:
 def keep_above(x: torch.Tensor, below: float) -> torch.Tensor:
     """x where |x| > below (below rounded to x's compute type), 0 elsewhere."""
     lib, out = library(), torch.empty_like(x)
-    fn = getattr(lib, f"keepabove_{_code(x.dtype)}_{_work(x.dtype)}")
+    fn = getattr(lib, f"keepabove_{_code(x.dtype)}_{_ctype(x.dtype)}")
     _parallel(lambda a, b: fn(_ptr(x, a), _ptr(out, a), b - a, below), x.numel())
     return out
 
 
 def bracket(x: torch.Tensor, lo: float, hi: float) -> tuple[int, torch.Tensor | None]:
     """(#|x| >= hi, the |x| with lo <= |x| < hi in x's compute dtype), or (0, None) if x has a NaN."""
-    w = _work(x.dtype)
+    w = _ctype(x.dtype)
     count, gather = getattr(library(), f"count_{_code(x.dtype)}_{w}"), getattr(library(), f"gather_{_code(x.dtype)}_{w}")
     chunks = _chunks(x.numel())
     counts = torch.zeros(len(chunks), 3, dtype=torch.int64)
@@ -370,7 +371,7 @@ def bracket(x: torch.Tensor, lo: float, hi: float) -> tuple[int, torch.Tensor | 
 def last_ties(x: torch.Tensor, value: float, k: int) -> torch.Tensor:
     """The indices of the last k entries of x (in index order) with |x| == value (compared in x's compute dtype)."""
     idx = torch.empty(k, dtype=torch.int64)
-    found = getattr(library(), f"lastties_{_code(x.dtype)}_{_work(x.dtype)}")(x.data_ptr(), x.numel(), value, k,
+    found = getattr(library(), f"lastties_{_code(x.dtype)}_{_ctype(x.dtype)}")(x.data_ptr(), x.numel(), value, k,
                                                                                 idx.data_ptr())  # fmt: skip
     return idx[:found]
 
