@@ -18,12 +18,12 @@ from .store import read_manifest
 
 #: Default LM recipe per width (about 0.27M, 0.92M and 3.4M parameters). The default width is the one measured
 #: to build in minutes on 2 cores; the wider ones get more pre-training steps (equal quality needs more tokens
-#: for more parameters) and are built only on request (``zoo build --widths``). They keep transformers' default
-#: init (0.02, already 0.23/sqrt(128) and 0.32/sqrt(256)): their pre-training was measured with it; the same SFT.
+#: for more parameters) and are built only on request (``zoo build --widths``). Everything else is shared —
+#: the init (0.06, about 1/sqrt(256)), the data and the SFT — so the family differs in width and pre-training.
 LM_WIDTHS: dict[int, LMRecipe] = {
     64: LMRecipe(),
-    128: LMRecipe(width=128, pre_steps=2000, init_std=0.02),
-    256: LMRecipe(width=256, pre_steps=1500, pre_lr=1.5e-3, init_std=0.02),
+    128: LMRecipe(width=128, pre_steps=2000),
+    256: LMRecipe(width=256, pre_steps=1500, pre_lr=1.5e-3),
 }
 DEFAULT_WIDTH = 64
 VIT = ViTRecipe()
