@@ -81,6 +81,9 @@ def test_fields_added_later_keep_old_keys_until_changed():
     assert len(keys) == 3
     other = {k: v for k, v in TINY_VIT.__dict__.items() if k != "pre_task"}
     assert ViTRecipe(**other, pre_task="rotation").key("pre") != TINY_VIT.key("pre")
+    other = {k: v for k, v in TINY_VIT.__dict__.items() if k != "init_std"}
+    assert ViTRecipe(**other, init_std=0.02).key("pre") == ViTRecipe(**other).key("pre")
+    assert ViTRecipe(**other, init_std=0.06).key("pre") != ViTRecipe(**other).key("pre")
 
 
 def test_init_std_reaches_the_model():
@@ -91,6 +94,12 @@ def test_init_std_reaches_the_model():
     model = lm.new_model(recipe, tok)
     assert model.config.initializer_range == 0.3
     assert 0.2 < model.model.layers[0].mlp.up_proj.weight.std().item() < 0.4
+    from unifieddelta.zoo import vit
+
+    model = vit.new_model(ViTRecipe(width=16, layers=1, heads=2, init_std=0.3))
+    assert model.config.initializer_range == 0.3
+    stds = [w.std().item() for n, w in model.named_parameters() if w.ndim == 2 and "embeddings" not in n]
+    assert stds and all(0.2 < s < 0.4 for s in stds)
 
 
 def test_corrupted_entry_is_detected_and_rebuilt():

@@ -84,6 +84,7 @@ class ViTRecipe:
     width: int = 64
     layers: int = 4
     heads: int = 4
+    init_std: float = 0.02  # as for the LM (LMRecipe.init_std)
     seed: int = 0
     pre_task: str = "digits"  # what the backbone learns first (vit.PRETRAIN_TASKS)
     pre_steps: int = 600
@@ -94,7 +95,7 @@ class ViTRecipe:
     ft_batch: int = 64
     ft_lr: float = 1.5e-4
 
-    _LATER = {"pre_task": "digits"}
+    _LATER = {"pre_task": "digits", "init_std": 0.02}
 
     def key(self, stage: str, task: str | None = None) -> str:
         """Cache key of the backbone (``pre``) or of one task's pair (``task``)."""

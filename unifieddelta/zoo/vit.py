@@ -122,7 +122,8 @@ def new_model(recipe: ViTRecipe):
     config = ViTConfig(image_size=recipe.image_size, patch_size=recipe.patch_size, num_channels=1,
                        hidden_size=recipe.width, num_hidden_layers=recipe.layers,
                        num_attention_heads=recipe.heads, intermediate_size=4 * recipe.width, num_labels=10,
-                       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+                       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                       initializer_range=recipe.init_std)
     return ViTForImageClassification(config)
 
 
