@@ -1,7 +1,7 @@
 """Measure the zoo's targets (issue 5) and print them as one table per pair.
 
     python benchmarks/zoo_targets.py [--widths] [--names NAME ...] [--dare-sweep [P ...]] [--dare-seeds N]
-                                     [--json PATH]
+                                     [--set FIELD=VALUE ...] [--json PATH]
 
 Builds (or loads from the cache) each pair and reports: build seconds and cache-hit seconds; for LM pairs the
 median per-matrix ‖ΔW‖/‖W_pre‖, the lm-eval scores of pre, post and post with DARE (p=0.5, or each p of
@@ -12,13 +12,15 @@ of one lm-eval pass; for ViT pairs the accuracy of the linear probe (pre) and of
 DARE goes through the module's own path (``deltas.apply_edit(pre, post, "dare", seed=s, p=p)``, every tensor),
 so its masks are whatever ``edits.dare`` draws for that seed. DARE is a random edit and a test set has 100 items
 per task, so one mask moves a score by a few items either way: ``--dare-seeds N`` evaluates seeds 0..N-1 and
-reports their mean (the expected effect of the edit; the JSON keeps every seed). ``--json`` writes every number
+reports their mean (the expected effect of the edit; the JSON keeps every seed). ``--set sft_lr=5e-5`` measures
+the named pairs under a changed recipe (every pair whose recipe has that field; built on first use). ``--json`` writes every number
 printed.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -93,6 +95,21 @@ def measure_lm(name: str, pre, post, ps: list[float], seeds: int = 1) -> dict:
     return out
 
 
+def with_overrides(recipe, overrides: list[str]):
+    """``recipe`` with each ``FIELD=VALUE`` it has replaced (the value cast to the field's type)."""
+    changes = {}
+    for item in overrides:
+        field, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set takes FIELD=VALUE, got {item!r}")
+        if not hasattr(recipe, field):
+            if not any(hasattr(r, field) for r in (zoo.LMRecipe(), zoo.ViTRecipe())):
+                raise SystemExit(f"--set: no recipe has a field {field!r}")
+            continue
+        changes[field] = type(getattr(recipe, field))(value)
+    return dataclasses.replace(recipe, **changes)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--widths", action="store_true", help="also the LM width family")
@@ -101,21 +118,26 @@ def main() -> None:
                     help="evaluate DARE at each p (default 0.3 0.5 0.7 0.9) instead of p=0.5 alone")
     ap.add_argument("--dare-seeds", type=int, default=1, metavar="N",
                     help="average DARE over seeds 0..N-1 (default 1: seed 0 alone)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
+                    help="change a recipe field, e.g. sft_lr=5e-5 (default: the zoo's recipes)")
     ap.add_argument("--json", help="write the measurements to this file")
     args = ap.parse_args()
     ps = [0.5] if args.dare_sweep is None else (args.dare_sweep or [0.3, 0.5, 0.7, 0.9])
     names = args.names or (zoo.names() if args.widths else zoo.default_names())
     results = {}
     for name in names:
+        recipe = with_overrides(zoo.recipe_for(name), args.set)
         start = time.perf_counter()
-        pre, post = zoo.load_pair(name, progress=False)
+        pre, post = zoo.load_pair(name, recipe=recipe, progress=False)
         built = time.perf_counter() - start
         start = time.perf_counter()
-        zoo.load_pair(name)
+        zoo.load_pair(name, recipe=recipe)
         hit = time.perf_counter() - start
-        d = zoo.describe(name)
-        print(f"\n== {name}: first call {built:.1f} s, second call {hit:.2f} s; metrics {d['metrics']}")
-        results[name] = {"first_call_seconds": built, "cache_hit_seconds": hit, "metrics": d["metrics"]}
+        d = zoo.describe(name, recipe=recipe)
+        print(f"\n== {name}{' (' + ' '.join(args.set) + ')' if args.set else ''}: first call {built:.1f} s, "
+              f"second call {hit:.2f} s; metrics {d['metrics']}")
+        results[name] = {"first_call_seconds": built, "cache_hit_seconds": hit, "metrics": d["metrics"],
+                         "overrides": args.set}
         if not name.startswith("tiny-vit/"):
             results[name].update(measure_lm(name, pre, post, [] if name == "tiny-lm-dpo" else ps,
                                                args.dare_seeds))
