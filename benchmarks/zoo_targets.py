@@ -13,8 +13,8 @@ DARE goes through the module's own path (``deltas.apply_edit(pre, post, "dare", 
 so its masks are whatever ``edits.dare`` draws for that seed. DARE is a random edit and a test set has 100 items
 per task, so one mask moves a score by a few items either way: ``--dare-seeds N`` evaluates seeds 0..N-1 and
 reports their mean (the expected effect of the edit; the JSON keeps every seed). ``--set sft_lr=5e-5`` measures
-the named pairs under a changed recipe (every pair whose recipe has that field; built on first use). ``--json`` writes every number
-printed.
+the named pairs under a changed recipe (every pair whose recipe has that field; built on first use). ``--json``
+writes every number printed.
 """
 
 from __future__ import annotations
@@ -84,10 +84,9 @@ def measure_lm(name: str, pre, post, ps: list[float], seeds: int = 1) -> dict:
            "dare_per_seed": per_seed}
     if ps:
         if seeds > 1:
+            worst = {p: pd.DataFrame(per_seed[f"DARE p={p}"]).min() - table["post"] for p in ps}
             print(f"DARE columns: mean over seeds 0..{seeds - 1}; worst single seed, points below post: " + "; ".join(
-                f"p={p} " + ", ".join(f"{t} {100 * d:+.0f}" for t, d in
-                                      (pd.DataFrame(runs).T.min(axis=1) - table["post"]).items())
-                for p, runs in ((p, per_seed[f"DARE p={p}"]) for p in ps)))
+                f"p={p} " + ", ".join(f"{t} {100 * d:+.0f}" for t, d in w.items()) for p, w in worst.items()))
         at = breaks_at(table, ps)
         print(f"DARE breaks (some task > {100 * BREAK:.0f} points below post) at p = {at if at is not None else '> ' + str(max(ps))}")
         out["dare_breaks_at"] = at
