@@ -88,7 +88,8 @@ def measure_lm(name: str, pre, post, ps: list[float], seeds: int = 1) -> dict:
             print(f"DARE columns: mean over seeds 0..{seeds - 1}; worst single seed, points below post: " + "; ".join(
                 f"p={p} " + ", ".join(f"{t} {100 * d:+.0f}" for t, d in w.items()) for p, w in worst.items()))
         at = breaks_at(table, ps)
-        print(f"DARE breaks (some task > {100 * BREAK:.0f} points below post) at p = {at if at is not None else '> ' + str(max(ps))}")
+        where = at if at is not None else f"> {max(ps)}"
+        print(f"DARE breaks (some task > {100 * BREAK:.0f} points below post) at p = {where}")
         out["dare_breaks_at"] = at
     print("lm-eval pass seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in times.items()))
     return out

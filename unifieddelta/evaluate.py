@@ -54,12 +54,17 @@ def evaluate_lm(model, tokenizer, tasks: str | list[str] | None = None, limit: i
     return pd.DataFrame(rows, columns=["task", "metric", "value", "stderr"])
 
 
-@torch.no_grad()
 def evaluate_vision(model, task: str, *, split: str = "test", batch_size: int = 256) -> float:
     """Accuracy of a ``ViTForImageClassification`` on one of the zoo's digit tasks (``split`` test or train)."""
     from .zoo.vit import task_data
 
     images, labels = task_data(task, split=split, image_size=model.config.image_size)
+    return accuracy(model, images, labels, batch_size=batch_size)
+
+
+@torch.no_grad()
+def accuracy(model, images, labels, *, batch_size: int = 256) -> float:
+    """Share of ``images`` an image classifier labels as ``labels`` (in eval mode, batched, no gradients)."""
     was_training = model.training
     model.eval()
     try:

@@ -89,7 +89,8 @@ def _digits(n_test: int, seed: int) -> dict[str, tuple[torch.Tensor, torch.Tenso
     return {"train": (x[train], y[train]), "test": (x[test], y[test])}
 
 
-def task_data(task: str, *, split: str = "test", image_size: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def task_data(task: str, *, split: str = "test", image_size: int = 16,
+              seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``(pixel_values, labels)`` of a task: the split's digits, transformed, upscaled to ``image_size``."""
     if task not in TRANSFORMS:
         raise InvalidParameterError(f"unknown vision task {task!r}; known: {', '.join(TRANSFORMS)}")
@@ -162,15 +163,13 @@ def _fit_head(model, recipe: ViTRecipe, task: str) -> None:
 
 
 def _pretrain(recipe: ViTRecipe, out: Path, progress: bool) -> dict:
-    from ..evaluate import evaluate_vision
+    from ..evaluate import accuracy, evaluate_vision
 
     model = new_model(recipe)
     loss = _train(model, recipe, pretrain_data(recipe), recipe.pre_steps, recipe.pre_batch, recipe.pre_lr, progress)
     model.save_pretrained(out)
-    x, y = pretrain_data(recipe, split="test")
-    with torch.no_grad():
-        acc = float((model.eval()(pixel_values=x).logits.argmax(-1) == y).float().mean())
-    return {"train_loss": loss, "pretrain_test_accuracy": acc, "digits_test_accuracy": evaluate_vision(model, PRETRAIN_TASK),
+    return {"train_loss": loss, "pretrain_test_accuracy": accuracy(model, *pretrain_data(recipe, split="test")),
+            "digits_test_accuracy": evaluate_vision(model, PRETRAIN_TASK),
             "parameters": sum(p.numel() for p in model.parameters())}
 
 
