@@ -34,7 +34,7 @@ def reference_edit(pre, post, method, seed=0, **params):
     out = {}
     for name in b:
         d = b[name].double() - a[name].double()
-        extra = {"generator": deltas.tensor_generator(seed, name)} if edits.needs_generator(method) else {}
+        extra = {"generator": deltas.tensor_generator(seed, name)} if edits.spec(method).seeded(params) else {}
         out[name] = (b[name].double() + (fn(d, **params, **extra) - d)).to(b[name].dtype)
     return out
 
@@ -46,18 +46,18 @@ def no_leftovers(parent):
 # --- pairing ------------------------------------------------------------------------------------------------
 
 
-def test_iter_deltas_yields_every_tensor_as_stored(pair):
+def test_iter_deltas_yields_every_delta_in_float64(pair):
     pre, post, _ = pair
     a, b = load_tensors(pre), load_tensors(post)
-    seen = {name: (x, y) for name, x, y in deltas.iter_deltas(pre, post)}
+    seen = dict(deltas.iter_deltas(pre, post))
     assert seen.keys() == b.keys()
-    assert all(torch.equal(x, a[n]) and torch.equal(y, b[n]) for n, (x, y) in seen.items())
+    assert all(d.dtype == torch.float64 and torch.equal(d, b[n].double() - a[n].double()) for n, d in seen.items())
 
 
 def test_iter_deltas_on_modules_uses_parameter_names():
     pre = tiny_llama()
     post = post_of(pre)
-    names = [n for n, _, _ in deltas.iter_deltas(pre, post)]
+    names = [n for n, _ in deltas.iter_deltas(pre, post)]
     assert names == [n for n, _ in post.named_parameters()]
 
 
@@ -73,8 +73,8 @@ def test_iter_deltas_on_modules_uses_parameter_names():
 )
 def test_selection_by_preset_and_regex(pair, kwargs, check):
     pre, post, _ = pair
-    all_shapes = {n: tuple(y.shape) for n, _, y in deltas.iter_deltas(pre, post)}
-    chosen = [n for n, _, _ in deltas.iter_deltas(pre, post, **kwargs)]
+    all_shapes = {n: tuple(d.shape) for n, d in deltas.iter_deltas(pre, post)}
+    chosen = [n for n, _ in deltas.iter_deltas(pre, post, **kwargs)]
     assert chosen and set(chosen) == {n for n, s in all_shapes.items() if check(n, s)}
 
 
@@ -136,7 +136,7 @@ def test_written_checkpoint_is_pre_plus_edited_delta(pair, tmp_path, method, par
     a, b = load_tensors(pre), load_tensors(post)
     fn = edits.get_method(method)
     for name in ref:
-        g = {"generator": deltas.tensor_generator(7, name)} if edits.needs_generator(method) else {}
+        g = {"generator": deltas.tensor_generator(7, name)} if edits.spec(method).seeded(params) else {}
         paper_way = a[name].double() + fn(b[name].double() - a[name].double(), **params, **g)
         torch.testing.assert_close(got[name].double(), paper_way, rtol=1e-6, atol=1e-7)
     for fname in ("config.json", "generation_config.json", "tokenizer_config.json"):
@@ -263,7 +263,7 @@ def test_tensor_only_one_side_has_is_kept_from_post_with_a_warning(pair, tmp_pat
     got = load_tensors(out)
     assert torch.equal(got["model.rotary.extra_buffer"], extra)
     with pytest.warns(UserWarning, match="ignored, post lacks them"):
-        names = [n for n, _, _ in deltas.iter_deltas(post2, post)]
+        names = [n for n, _ in deltas.iter_deltas(post2, post)]
     assert "model.rotary.extra_buffer" not in names
 
 
@@ -336,7 +336,7 @@ def test_hub_ids_resolve_through_the_hub_cache_and_fail_clearly(pair, monkeypatc
     pre, post, _ = pair
     asked = []
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **kw: asked.append(repo) or str(post))
-    names = [n for n, _, _ in deltas.iter_deltas(pre, "someone/tiny-post")]
+    names = [n for n, _ in deltas.iter_deltas(pre, "someone/tiny-post")]
     assert asked == ["someone/tiny-post"] and names == list(load_tensors(post))
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **kw: (_ for _ in ()).throw(OSError("offline")))
     with pytest.raises(CheckpointError, match="not a reachable hub id"):

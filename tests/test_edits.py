@@ -361,13 +361,52 @@ def test_property_magnitude_trim_count_and_threshold(n, keep, seed):
         assert delta[kept].abs().min() >= delta[~kept].abs().max()
 
 
-def test_registry_and_generator_needs():
-    assert set(edits.METHODS) == {"dare", "drop_only", "bitdelta", "low_rank", "magnitude_trim", "extrapolate", "sign_biased"}
-    assert {m for m in edits.METHODS if edits.needs_generator(m)} == {"dare", "drop_only", "bitdelta"}
-    assert edits.get_method("product_biased") is edits.product_biased and edits.needs_grad("product_biased")
+def test_registry_declares_what_the_driver_needs():
+    assert set(edits.EDITS) == {"dare", "drop_only", "bitdelta", "low_rank", "magnitude_trim", "extrapolate",
+                                "sign_biased", "product_biased"}
+    assert all(edits.EDITS[name].fn.__name__ == name for name in edits.EDITS)
+    seeded = {m for m, s in edits.EDITS.items() if s.seeded(edits.with_defaults(m, {"p": 0.5, "keep": 0.5, "rank": 1,
+                                                                                  "alpha": 0.1, "k": 0.5}))}
+    assert seeded == {"dare", "drop_only"}  # BitDelta draws only for random magnitudes
+    assert edits.spec("bitdelta").seeded({"magnitudes": "uniform"})
+    assert {m for m, s in edits.EDITS.items() if s.entrywise} == {"dare", "drop_only", "extrapolate"}
+    assert {m for m, s in edits.EDITS.items() if s.needs_grad} == {"product_biased"}
+    assert edits.get_method("product_biased") is edits.product_biased
     assert set(edits.method_params("dare")) == {"p", "k"}
+    assert edits.with_defaults("dare", {"p": 0.5}) == {"p": 0.5, "k": 0.0}
     with pytest.raises(InvalidParameterError, match="unknown method 'tiesx'"):
         edits.get_method("tiesx")
+
+
+@pytest.mark.parametrize("method,params,match", [
+    ("dare", {"q": 0.5}, "unknown parameter"), ("dare", {}, "missing parameter"), ("dare", {"p": 1.0}, r"p must"),
+    ("low_rank", {"rank": -1}, "rank"), ("bitdelta", {"bits": 2, "magnitudes": "normal"}, "bits=0"),
+])  # fmt: skip
+def test_check_settings_names_the_method_and_the_setting(method, params, match):
+    with pytest.raises(InvalidParameterError, match=match) as info:
+        edits.check_settings(method, params)
+    assert str(info.value).startswith(method)
+
+
+def test_low_rank_fits_checks_the_rank_against_the_shape():
+    edits.check_settings("low_rank", {"rank": 8}, (8, 16))
+    with pytest.raises(InvalidParameterError, match="exceeds"):
+        edits.check_settings("low_rank", {"rank": 9}, (8, 16))
+
+
+@pytest.mark.parametrize("entrywise", [m for m, s in edits.EDITS.items() if s.fused is not None])
+def test_every_fused_edit_is_entrywise(entrywise):
+    assert edits.EDITS[entrywise].entrywise  # the fused step runs on row blocks too
+
+
+@pytest.mark.parametrize("p,k", [(0.3, 0.0), (0.7, -1.0), (0.5, 0.8)])
+def test_dare_is_masked_rescale_with_the_stream_mask(p, k):
+    delta = rand(70, 50, seed=4)
+    mask = edits.dare_mask(delta.shape, p, gen(6))
+    assert torch.equal(edits.dare(delta, p, k, generator=gen(6)), edits.masked_rescale(delta, mask, p, k))
+    big = rand(300, 250, seed=5)  # the C kernel (>= 65,536 entries)
+    assert torch.equal(edits.dare(big, p, k, generator=gen(7)),
+                       edits.masked_rescale(big, edits.dare_mask(big.shape, p, gen(7)), p, k))
 
 
 @pytest.mark.parametrize(
@@ -407,9 +446,9 @@ def test_parameters_out_of_range_raise(call):
                                            ("magnitude_trim", {"keep": 0.5}), ("extrapolate", {"alpha": 0.5})])
 def test_a_0d_delta_is_edited_like_a_one_entry_tensor(method, params):
     scalar = torch.tensor(0.3, dtype=torch.float64)
-    extra = {"generator": gen(3)} if edits.needs_generator(method) else {}
-    got = edits.METHODS[method](scalar, **params, **extra)
-    one = edits.METHODS[method](scalar.reshape(1), **params, **({"generator": gen(3)} if extra else {}))
+    extra = {"generator": gen(3)} if edits.spec(method).seeded(params) else {}
+    got = edits.get_method(method)(scalar, **params, **extra)
+    one = edits.get_method(method)(scalar.reshape(1), **params, **({"generator": gen(3)} if extra else {}))
     assert got.shape == () and got.dtype == scalar.dtype and torch.equal(got.reshape(1), one)
 
 

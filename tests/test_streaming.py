@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from _tiny_ckpt import load_tensors, save_pair
-from unifieddelta import deltas
+from unifieddelta import checkpoints, deltas
 from unifieddelta.cli import main
 from unifieddelta.errors import MismatchError, NonFiniteError
 
@@ -30,7 +30,7 @@ def test_streamed_safetensors_load_back_exactly(tmp_path):
         "empty": torch.zeros(0, 4),
     }
     specs = [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
-    written = deltas._write_safetensors(tmp_path / "a.safetensors", specs, iter(tensors.values()), {"format": "pt"})
+    written = checkpoints.write_safetensors(tmp_path / "a.safetensors", specs, iter(tensors.values()), {"format": "pt"})
     assert written == sum(t.nbytes for t in tensors.values())
     back = load_file(tmp_path / "a.safetensors")
     assert back.keys() == tensors.keys() and all(torch.equal(back[n], t) for n, t in tensors.items())
@@ -40,14 +40,14 @@ def test_streamed_safetensors_load_back_exactly(tmp_path):
 
 def test_streamed_writer_refuses_a_tensor_unlike_its_header(tmp_path):
     with pytest.raises(MismatchError, match="'w'"):
-        deltas._write_safetensors(tmp_path / "b.safetensors", [("w", torch.float32, (2,))], [torch.zeros(3)], {})
+        checkpoints.write_safetensors(tmp_path / "b.safetensors", [("w", torch.float32, (2,))], [torch.zeros(3)], {})
 
 
 def test_reader_gives_what_safetensors_stored(tmp_path):
     tensors = {"a": torch.randn(4, 4), "b": torch.arange(5, dtype=torch.int32), "c": torch.randn(3).half()}
     (tmp_path / "m").mkdir()
     save_file(tensors, str(tmp_path / "m" / "model.safetensors"))
-    ck = deltas.open_checkpoint(tmp_path / "m")
+    ck = checkpoints.open_checkpoint(tmp_path / "m")
     assert set(ck.spans) == set(tensors)
     assert all(torch.equal(ck.get(n), t) and ck.get(n).dtype == t.dtype for n, t in tensors.items())
 
@@ -72,7 +72,8 @@ def test_row_blocks_give_exactly_the_tensor_edited_whole(pair, tmp_path, monkeyp
     pre, post = pair
     whole = load_tensors(deltas.apply_edit(pre, post, method, seed=5, out=tmp_path / "whole", compute_dtype=compute_dtype, **params))
     monkeypatch.setattr(deltas, "BLOCK_BYTES", 200)  # a few rows per block, blocks cutting through the tensors
-    assert deltas._blockwise(method, deltas.open_checkpoint(post), "model.embed_tokens.weight", compute_dtype)
+    edit = deltas._prepare(method, params, None)
+    assert deltas._in_rows(edit, checkpoints.open_checkpoint(post), "model.embed_tokens.weight", compute_dtype)
     blocks = load_tensors(deltas.apply_edit(pre, post, method, seed=5, out=tmp_path / "blocks", compute_dtype=compute_dtype, **params))
     assert whole.keys() == blocks.keys() and all(torch.equal(whole[n], blocks[n]) for n in whole)
 

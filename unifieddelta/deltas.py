@@ -1,27 +1,31 @@
-"""Pairs of checkpoints -> named deltas; edits applied tensor by tensor; edited checkpoints written shard by shard.
+"""Pairs of checkpoints -> deltas; an edit applied tensor by tensor; the edited model ``W_post + D``.
 
-A side (pre or post) is a local Hugging Face folder, a hub id, or an ``nn.Module``. Folders are read lazily:
-safetensors tensor by tensor with plain file reads (so the file's pages never count as this process's memory),
-neither model is ever whole in memory; ``pytorch_model*.bin`` shards are memory-mapped. Edited checkpoints are
-written tensor by tensor, and entry-wise edits of large tensors in row blocks, so memory stays at a few tensors
-(or blocks) whatever the checkpoint's size. The edit methods (``edits.py``) never know where tensors come from.
+How a pair is streamed into an edited checkpoint (``apply_edit(pre, post, method, out=...)``):
 
-Arithmetic is in float64 and rounded once: the edited tensor is ``W_post + D`` with ``D = F(ΔW) − ΔW``, so an
-identity edit (D = 0 exactly) gives back post bit for bit whatever its dtype.
+1. ``checkpoints.open_checkpoint`` indexes each side from its file headers (names, shapes, dtypes);
+2. :func:`plan` pairs them tensor by tensor (edit, edit the shared rows of a grown embedding, or keep from post)
+   and raises on a mismatch before anything is read or written;
+3. ``checkpoints.write_like`` rewrites post's weights files one by one into a temporary folder, asking
+   :func:`_edited_tensor` (or :func:`_edited_rows`, row block by row block, for large entry-wise edits) for each
+   tensor in turn: ``W_post + D`` with ``D = F(ΔW) − ΔW``, computed in float64 (or ``compute_dtype``) and rounded
+   once to post's dtype; entry-wise edits with a C kernel do it in one pass (:meth:`_Edit.fused`);
+4. the folder is renamed to ``out`` only when complete (``cache.atomic_dir``).
+
+So memory stays at a few tensors (or blocks), whatever the checkpoint's size, and an identity edit (D = 0
+exactly) gives back post bit for bit whatever its dtype. What an edit needs from this driver (a generator, the
+gradient, row blocks, a fused step, a shape check) it declares in ``edits.EDITS``; the methods never know where
+tensors come from.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
-import inspect
 import json
 import math
 import re
-import shutil
-import struct
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -30,20 +34,13 @@ from torch import nn
 
 from . import edits, native
 from .cache import atomic_dir
-from .errors import (
-    CheckpointError,
-    InvalidParameterError,
-    MismatchError,
-    NonFiniteError,
-    OutputExistsError,
-)
+from .checkpoints import Checkpoint, load_model, open_checkpoint, resolve_folder, write_like
+from .errors import InvalidParameterError, MismatchError, NonFiniteError, OutputExistsError
 
 __all__ = [
     "PRESETS",
-    "Checkpoint",
     "plan",
     "tensor_generator",
-    "open_checkpoint",
     "iter_deltas",
     "delta_stats",
     "direction",
@@ -99,230 +96,8 @@ def tensor_generator(seed: int, name: str, device: str | torch.device = "cpu") -
     return generator
 
 
-# --- reading checkpoints -------------------------------------------------------------------------------------
 
-_ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": getattr(torch, "float8_e4m3fn", None), "F8_E5M2": getattr(torch, "float8_e5m2", None),
-}  # fmt: skip
-#: Every dtype a safetensors header names (floating or not), for reading and writing raw bytes.
-_ST_STORED = {
-    **{k: v for k, v in _ST_DTYPES.items() if v is not None}, "I64": torch.int64, "I32": torch.int32,
-    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool, "U16": torch.uint16,
-    "U32": torch.uint32, "U64": torch.uint64,
-}  # fmt: skip
-_ST_NAMES = {v: k for k, v in _ST_STORED.items()}
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
-
-
-@dataclass
-class Checkpoint:
-    """One side of a pair: tensor names with shape and dtype known up front, tensors loaded one at a time."""
-
-    label: str  # the folder, or the module's class: for messages
-    shapes: dict[str, tuple[int, ...]]
-    dtypes: dict[str, torch.dtype | None]  # None: not floating point
-    files: dict[str, Path] = field(default_factory=dict)  # name -> weights file (folders)
-    folder: Path | None = None
-    index: bool = False  # the folder has a ``*.index.json`` weight map
-    module: nn.Module | None = None
-    config: dict[str, Any] = field(default_factory=dict)
-    spans: dict[str, tuple[int, int, torch.dtype]] = field(default_factory=dict)  # safetensors: byte range, dtype
-    _handles: dict[Path, Any] = field(default_factory=dict, repr=False)
-
-    def get(self, name: str) -> torch.Tensor:
-        """The tensor called ``name``, as stored (a fresh CPU tensor for folders, the live one for modules)."""
-        if self.module is not None:
-            return self.module.get_parameter(name).detach()
-        if name in self.spans:
-            return self._read(name, 0, self.shapes[name][0] if self.shapes[name] else None)
-        handle = self._open(self.files[name])
-        try:
-            return handle.get_tensor(name) if hasattr(handle, "get_tensor") else handle[name]
-        except Exception as e:  # e.g. a file that changed since its header was read
-            raise CheckpointError(f"{self.files[name]}: cannot read tensor {name!r} ({e})") from None
-
-    def rows(self, name: str, r0: int, r1: int) -> torch.Tensor:
-        """Rows ``r0:r1`` of the tensor ``name`` (first dimension), reading only those from a safetensors file."""
-        if name in self.spans and self.shapes[name]:
-            return self._read(name, r0, r1)
-        return self.get(name)[r0:r1]
-
-    def _read(self, name: str, r0: int, r1: int | None) -> torch.Tensor:
-        """A safetensors tensor (rows r0:r1; r1=None: a 0-D one) read with plain file reads, not through a memory
-        map: pages of the file stay in the OS cache instead of counting in this process's resident memory."""
-        start, end, dtype = self.spans[name]
-        shape = self.shapes[name]
-        if r1 is not None:
-            row_bytes = math.prod(shape[1:]) * dtype.itemsize
-            start, end, shape = start + r0 * row_bytes, start + r1 * row_bytes, (r1 - r0, *shape[1:])
-        raw = torch.empty(end - start, dtype=torch.uint8)
-        try:
-            with open(self.files[name], "rb") as f:
-                f.seek(start)
-                got = f.readinto(memoryview(raw.numpy()))
-        except OSError as e:
-            raise CheckpointError(f"{self.files[name]}: cannot read tensor {name!r} ({e})") from None
-        if got != raw.numel():  # e.g. a file that changed since its header was read
-            raise CheckpointError(f"{self.files[name]}: cannot read tensor {name!r} (truncated file)")
-        return raw.view(dtype).reshape(shape)
-
-    def _open(self, path: Path):
-        if path not in self._handles:
-            self._handles[path] = _open_weights(path)
-        return self._handles[path]
-
-    def close(self) -> None:
-        self._handles.clear()
-
-
-def _open_weights(path: Path):
-    """A lazy handle on one weights file: a safetensors reader, or a memory-mapped torch state dict."""
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            return safe_open(str(path), framework="pt", device="cpu")  # checks the header covers the file
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except CheckpointError:
-        raise
-    except Exception as e:
-        raise CheckpointError(f"{path}: corrupt or truncated weights file ({type(e).__name__}: {e})") from None
-
-
-def _safetensors_spans(path: Path, names: list[str]) -> dict[str, tuple[int, int, torch.dtype]]:
-    """name -> (first byte, end byte, dtype) in the file, from its header (already checked by safe_open)."""
-    with open(path, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(size))
-    base = 8 + size
-    spans = {}
-    for name in names:
-        info = header[name]
-        if info["dtype"] in _ST_STORED:
-            start, end = info["data_offsets"]
-            spans[name] = (base + start, base + end, _ST_STORED[info["dtype"]])
-    return spans  # tensors of other dtypes are read through safe_open
-
-
-def _write_safetensors(path: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]], tensors, metadata) -> int:
-    """Write a safetensors file tensor by tensor: the header first (from ``specs``: name, dtype, shape), then
-    each tensor of the iterable ``tensors`` as it comes, so only one tensor is ever in memory. An item may also
-    be an iterator of row blocks whose concatenation is the tensor. Returns the bytes of tensor data written."""
-    header: dict[str, Any] = {"__metadata__": metadata}
-    offset = 0
-    for name, dtype, shape in specs:
-        nbytes = math.prod(shape) * dtype.itemsize
-        header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-        for (name, dtype, shape), item in zip(specs, tensors, strict=True):
-            written = 0
-            for t in [item] if isinstance(item, torch.Tensor) else item:
-                if t.dtype != dtype or tuple(t.shape[1:]) != tuple(shape[1:]):
-                    raise MismatchError(f"tensor {name!r}: produced {t.dtype} {tuple(t.shape)}, expected {dtype} {shape}")
-                f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
-                written += t.nbytes
-            if written != math.prod(shape) * dtype.itemsize:
-                raise MismatchError(f"tensor {name!r}: produced {written} bytes, expected shape {shape} of {dtype}")
-    return offset
-
-
-def _resolve_folder(source: str | Path) -> Path:
-    """A local folder for a path or a hub id; ``CheckpointError`` naming what is missing otherwise."""
-    path = Path(source).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise CheckpointError(f"{path} is not a checkpoint folder (it is a file)")
-        return path
-    text = str(source)
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", text) and not text.startswith((".", "~")):
-        try:
-            from huggingface_hub import snapshot_download
-
-            patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.py"]
-            return Path(snapshot_download(text, allow_patterns=patterns))
-        except Exception as e:
-            raise CheckpointError(
-                f"{text}: no such local path, and not a reachable hub id ({type(e).__name__})"
-            ) from None
-    raise CheckpointError(f"{text}: no such file or folder")
-
-
-def _weight_files(folder: Path) -> tuple[list[Path], dict[str, Path] | None]:
-    """The folder's weights files, and the index's name -> file map when there is one."""
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index_path = folder / index_name
-        if index_path.exists():
-            try:
-                weight_map = json.loads(index_path.read_text())["weight_map"]
-            except Exception as e:
-                raise CheckpointError(f"{index_path}: unreadable index ({type(e).__name__}: {e})") from None
-            files = {name: folder / fname for name, fname in weight_map.items()}
-            for missing in sorted({p for p in files.values() if not p.exists()}):
-                raise CheckpointError(f"{folder}: shard {missing.name} listed in {index_name} is missing")
-            return sorted(set(files.values())), files
-    safetensors = sorted(folder.glob("*.safetensors"))
-    if safetensors:
-        return safetensors, None
-    bins = sorted(folder.glob("pytorch_model*.bin"))
-    if bins:
-        return bins, None
-    raise CheckpointError(f"{folder} is not a checkpoint folder: no *.safetensors or pytorch_model*.bin weights")
-
-
-def open_checkpoint(source: str | Path | nn.Module | Checkpoint) -> Checkpoint:
-    """Index one side: names, shapes and dtypes from the file headers (nothing but headers is read).
-
-    A folder gives the tensors its weights files hold; a module gives its ``named_parameters()`` (tied weights
-    once, buffers left out), the names ``approx`` and ``direction`` key by.
-    """
-    if isinstance(source, Checkpoint):
-        return source
-    if isinstance(source, nn.Module):
-        params = dict(source.named_parameters())
-        config = source.config.to_dict() if hasattr(getattr(source, "config", None), "to_dict") else {}
-        return Checkpoint(
-            label=f"a {type(source).__name__}",
-            shapes={n: tuple(p.shape) for n, p in params.items()},
-            dtypes={n: p.dtype if p.is_floating_point() else None for n, p in params.items()},
-            module=source,
-            config=config,
-        )
-    folder = _resolve_folder(source)
-    paths, index = _weight_files(folder)
-    ck = Checkpoint(label=str(folder), shapes={}, dtypes={}, folder=folder, index=index is not None)
-    config_path = folder / "config.json"
-    if config_path.exists():
-        try:
-            ck.config = json.loads(config_path.read_text())
-        except Exception as e:
-            raise CheckpointError(f"{config_path}: unreadable config ({type(e).__name__}: {e})") from None
-    for path in paths:
-        handle = ck._open(path)
-        names = list(handle.keys())
-        if path.suffix == ".safetensors":
-            ck.spans.update(_safetensors_spans(path, names))
-        for name in names:
-            if index is not None and index.get(name) != path:
-                continue
-            if hasattr(handle, "get_slice"):
-                sl = handle.get_slice(name)
-                shape, dtype = tuple(sl.get_shape()), _ST_DTYPES.get(sl.get_dtype())
-            else:
-                t = handle[name]
-                shape, dtype = tuple(t.shape), t.dtype if t.is_floating_point() else None
-            ck.shapes[name], ck.dtypes[name], ck.files[name] = shape, dtype, path
-    if index is not None:
-        for name in sorted(set(index) - set(ck.files)):
-            raise CheckpointError(f"{index[name]}: tensor {name!r} listed in the index is not in the file")
-    return ck
-
-
-# --- pairing -------------------------------------------------------------------------------------------------
+# --- pairing the two sides -------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -378,12 +153,7 @@ def plan(pre: Checkpoint, post: Checkpoint, *, include=None, exclude=None, prese
     return entries
 
 
-def _pair(pre, post, include, exclude, preset) -> tuple[Checkpoint, Checkpoint, list[Entry]]:
-    pre_ck, post_ck = open_checkpoint(pre), open_checkpoint(post)
-    return pre_ck, post_ck, plan(pre_ck, post_ck, include=include, exclude=exclude, preset=preset)
-
-
-def _load_pair(pre: Checkpoint, post: Checkpoint, e: Entry) -> tuple[torch.Tensor, torch.Tensor]:
+def _tensors(pre: Checkpoint, post: Checkpoint, e: Entry) -> tuple[torch.Tensor, torch.Tensor]:
     """The entry's tensors, post cut to pre's rows for a grown embedding."""
     a, b = pre.get(e.name), post.get(e.name)
     return (a, b[: e.rows]) if e.kind == "grown" else (a, b)
@@ -405,29 +175,6 @@ def _not_finite(name: str, bad: int, rows=None):
     raise NonFiniteError(f"tensor {name!r}: the delta has {bad} NaN/Inf entries{where} (pre or post is not finite)")
 
 
-#: Entry-wise edits the C kernel does whole (``native.edit``): pre, post → W_post + (F(ΔW) − ΔW) in one pass.
-NATIVE_METHODS = ("dare", "drop_only", "extrapolate")
-
-
-def _native_step(run, name: str, a: torch.Tensor, b: torch.Tensor, seed: int, compute_dtype: torch.dtype,
-                 offset: int = 0, rows=None) -> torch.Tensor | None:  # fmt: skip
-    """W_post + D of a tensor or row block in one pass (the C twin of ``_delta`` → edit → ``_new_tensor``, same
-    bits), or None where it does not apply: another method, fp16, a compute dtype below float32, a small tensor."""
-    if (run.method not in NATIVE_METHODS or compute_dtype not in (torch.float32, torch.float64) or a.dtype != b.dtype
-            or a.shape != b.shape or b.numel() < edits.NATIVE_MIN_NUMEL or not native.supports(a, b)):
-        return None
-    params = run.params
-    if run.method == "extrapolate":
-        out, bad = native.edit(a, b, compute_dtype, keep=1.0 + params["alpha"], scale_only=True)
-    else:
-        p, k = params["p"], params.get("k", 0.0)
-        key = edits.stream_key(tensor_generator(seed, name))
-        keep = edits.rescale_factor(p, k) if run.method == "dare" else 1.0
-        out, bad = native.edit(a, b, compute_dtype, offset=offset, key=key, thr=edits.stream_threshold(p), keep=keep,
-                               k=k)  # fmt: skip
-    if bad:
-        _not_finite(name, bad, rows)
-    return out
 
 
 def _bar(total: int, desc: str, progress: bool):
@@ -437,15 +184,20 @@ def _bar(total: int, desc: str, progress: bool):
     return tqdm(total=total, desc=desc, unit="tensor", leave=False, disable=not progress)
 
 
-def iter_deltas(pre, post, *, include=None, exclude=None, preset: str = "all") -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:  # fmt: skip
-    """Yield ``(name, pre_tensor, post_tensor)`` for each selected tensor, one at a time, in post's order.
+# --- reading deltas ------------------------------------------------------------------------------------------
 
-    Grown embeddings are yielded on their shared rows; tensors only one side has are skipped (with a warning).
+
+def iter_deltas(pre, post, *, include=None, exclude=None, preset: str = "all",
+                dtype: torch.dtype = torch.float64) -> Iterator[tuple[str, torch.Tensor]]:  # fmt: skip
+    """Yield ``(name, ΔW)`` for each selected tensor, one at a time, in post's order (ΔW in ``dtype``).
+
+    Grown embeddings are yielded on their shared rows; tensors only one side has are skipped (with a warning);
+    a delta with NaN or Inf entries raises a ``NonFiniteError`` naming the tensor.
     """
-    pre_ck, post_ck, entries = _pair(pre, post, include, exclude, preset)
-    for e in entries:
-        if e.kind != "keep":
-            yield (e.name, *_load_pair(pre_ck, post_ck, e))
+    with open_checkpoint(pre) as pre_ck, open_checkpoint(post) as post_ck:
+        for e in plan(pre_ck, post_ck, include=include, exclude=exclude, preset=preset):
+            if e.kind != "keep":
+                yield e.name, _delta(e.name, *_tensors(pre_ck, post_ck, e), dtype)
 
 
 def delta_stats(pre, post, *, include=None, exclude=None, preset: str = "all", progress: bool = False):
@@ -455,13 +207,13 @@ def delta_stats(pre, post, *, include=None, exclude=None, preset: str = "all", p
     """
     import pandas as pd
 
-    pre_ck, post_ck, entries = _pair(pre, post, include, exclude, preset)
-    todo = [e for e in entries if e.kind != "keep"]
     rows = []
-    with _bar(len(todo), "stats", progress) as bar:
-        for e in todo:
-            rows.append(_stats_row(e.name, *_load_pair(pre_ck, post_ck, e)))
-            bar.update()
+    with open_checkpoint(pre) as pre_ck, open_checkpoint(post) as post_ck:
+        todo = [e for e in plan(pre_ck, post_ck, include=include, exclude=exclude, preset=preset) if e.kind != "keep"]
+        with _bar(len(todo), "stats", progress) as bar:
+            for e in todo:
+                rows.append(_stats_row(e.name, *_tensors(pre_ck, post_ck, e)))
+                bar.update()
     columns = ["name", "shape", "numel", "norm", "mean_abs", "rel_change", "frac_zero", "max_abs"]
     return pd.DataFrame(rows, columns=columns)
 
@@ -482,95 +234,127 @@ def _stats_row(name: str, a: torch.Tensor, b: torch.Tensor) -> dict[str, Any]:
     }
 
 
-# --- editing -------------------------------------------------------------------------------------------------
+# --- one edit, checked once ----------------------------------------------------------------------------------
 
 
-def _prepare(method: str, params: dict[str, Any], grad) -> Callable[[str, torch.Tensor, int], torch.Tensor]:
-    """Check the method and its settings once; return ``(name, delta, seed) -> F(delta)``."""
-    fn = edits.get_method(method)
-    known = edits.method_params(method)
-    unknown = sorted(set(params) - set(known))
-    if unknown:
-        raise InvalidParameterError(
-            f"{method}: unknown parameter(s) {', '.join(unknown)}; it takes {', '.join(known) or 'none'}"
-        )
-    missing = [n for n, p in known.items() if p.default is inspect.Parameter.empty and n not in params]
-    if missing:
-        raise InvalidParameterError(f"{method}: missing parameter(s) {', '.join(missing)}")
-    if edits.needs_grad(method) and not isinstance(grad, dict):
-        raise InvalidParameterError(f"{method} needs grad=: a dict of gradients keyed by tensor name")
-    # Range checks now, on a tiny stand-in, so bad settings fail before anything is read or written.
-    random = edits.needs_generator(method)
-    probe = torch.zeros(2, 2, dtype=torch.float64)
-    probe_params = dict(params, rank=1) if method == "low_rank" else dict(params)
-    if random:
-        probe_params["generator"] = torch.Generator()  # never the global RNG
-    try:
-        if method == "low_rank":
-            edits.resolve_rank(params["rank"], (1,))
-        fn(probe, *([probe] if edits.needs_grad(method) else []), **probe_params)
-    except InvalidParameterError as e:
-        raise InvalidParameterError(f"{method}: {e}") from None
+@dataclass(frozen=True)
+class _Edit:
+    """An edit whose settings have been checked: ``apply`` runs it on one delta tensor (or row block of one)."""
 
-    def run(name: str, delta: torch.Tensor, seed: int, offset: int = 0) -> torch.Tensor:
-        kwargs = dict(params)
-        if random:
+    method: str
+    spec: edits.EditSpec
+    params: dict
+    grad: dict | None
+
+    @property
+    def seeded(self) -> bool:
+        return self.spec.seeded(self.params)
+
+    def apply(self, name: str, delta: torch.Tensor, seed: int, offset: int = 0) -> torch.Tensor:
+        """F(delta) for the tensor ``name``; ``offset``: the index of a row block's first entry in the tensor."""
+        kwargs = dict(self.params)
+        if self.seeded:
             kwargs["generator"] = tensor_generator(seed, name)
-        if offset and random:  # a row block of a random entry-wise edit: its first entry's index in the tensor
-            kwargs["offset"] = offset
+            if offset:  # a row block of a random entry-wise edit: its stretch of the tensor's stream
+                kwargs["offset"] = offset
         args = [delta]
-        if edits.needs_grad(method):
-            if name not in grad:
-                raise MismatchError(f"{method}: no gradient for tensor {name!r}")
-            g = grad[name]
+        if self.spec.needs_grad:
+            if name not in self.grad:
+                raise MismatchError(f"{self.method}: no gradient for tensor {name!r}")
+            g = self.grad[name]
             args.append(g[: delta.shape[0]] if g.shape != delta.shape and g.ndim else g)
         try:
-            return fn(*args, **kwargs)
+            return self.spec.fn(*args, **kwargs)
         except (InvalidParameterError, MismatchError) as e:
             raise type(e)(f"tensor {name!r}: {e}") from None
 
-    run.method, run.params = method, params
-    return run
+    def fused(self, name: str, a: torch.Tensor, b: torch.Tensor, seed: int, compute_dtype: torch.dtype,
+              offset: int = 0, rows=None) -> torch.Tensor | None:  # fmt: skip
+        """W_post + D of a tensor or row block in one C pass (the twin of ``_delta`` → ``apply`` → ``_add``, same
+        bits), or None where it does not apply: no fused step, fp16, a compute dtype below float32, a small tensor."""
+        if (self.spec.fused is None or compute_dtype not in (torch.float32, torch.float64) or a.dtype != b.dtype
+                or a.shape != b.shape or b.numel() < edits.NATIVE_MIN_NUMEL or not native.supports(a, b)):
+            return None
+        kwargs = self.spec.fused(**self.params)
+        if self.seeded:
+            kwargs.update(offset=offset, key=edits.stream_key(tensor_generator(seed, name)))
+        out, bad = native.edit(a, b, compute_dtype, **kwargs)
+        if bad:
+            _not_finite(name, bad, rows)
+        return out
 
 
-def _check_ranks(method: str, params: dict[str, Any], post: Checkpoint, entries: list[Entry]) -> None:
-    if method == "low_rank":
-        for e in entries:
-            if e.kind != "keep":
-                shape = post.shapes[e.name]
-                shape = (e.rows, *shape[1:]) if e.kind == "grown" else shape
-                try:
-                    edits.resolve_rank(params["rank"], shape)
-                except InvalidParameterError as err:
-                    raise InvalidParameterError(f"tensor {e.name!r}: {err}") from None
+def _prepare(method: str, params: dict[str, Any], grad) -> _Edit:
+    """Check the method and its settings once, before anything is read or written."""
+    spec = edits.spec(method)
+    edits.check_settings(method, params)
+    if spec.needs_grad and not isinstance(grad, dict):
+        raise InvalidParameterError(f"{method} needs grad=: a dict of gradients keyed by tensor name")
+    return _Edit(method, spec, dict(params), grad)
 
 
-def _edited(run, e: Entry, pre: Checkpoint, post: Checkpoint, seed: int, compute_dtype: torch.dtype):
-    """(post tensor, D) for one entry: D = F(ΔW) − ΔW in ``compute_dtype``, on the shared rows for grown ones."""
+def _check_fits(edit: _Edit, post: Checkpoint, entries: list[Entry]) -> None:
+    """Settings that depend on a tensor's shape (a rank), checked on every tensor before any is edited."""
+    if edit.spec.fits is None:
+        return
+    for e in entries:
+        if e.kind != "keep":
+            shape = post.shapes[e.name]
+            try:
+                edit.spec.fits(edit.params, (e.rows, *shape[1:]) if e.kind == "grown" else shape)
+            except InvalidParameterError as err:
+                raise InvalidParameterError(f"tensor {e.name!r}: {err}") from None
+
+
+# --- W_post + D, tensor by tensor ----------------------------------------------------------------------------
+
+
+def _post_and_direction(edit: _Edit, e: Entry, pre: Checkpoint, post: Checkpoint, seed: int,
+                        compute_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(post's tensor, D = F(ΔW) − ΔW in ``compute_dtype``); for a grown embedding D covers the shared rows only."""
     b_full = post.get(e.name)
     b = b_full[: e.rows] if e.kind == "grown" else b_full
     delta = _delta(e.name, pre.get(e.name), b, compute_dtype)  # pre freed at once
-    edited = run(e.name, delta, seed)
+    edited = edit.apply(e.name, delta, seed)
     return b_full, (edited.clone() if edited is delta else edited).sub_(delta)  # in place: one copy less
 
 
-def _edited_post(run, e: Entry, pre: Checkpoint, post: Checkpoint, seed: int, compute_dtype: torch.dtype):
-    """W_post + D of one entry, in post's dtype: fused in one pass where the C kernel applies."""
+def _add(b_full: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """W_post + D, rounded once to post's dtype; rows beyond D's (new tokens of a grown embedding) kept from post.
+
+    ``d`` is consumed (added to in place) to spare one full-precision copy of the tensor.
+    """
+    if d.shape == b_full.shape:
+        return d.add_(b_full).to(b_full.dtype)  # post promoted on the fly (exactly), no converted copy
+    out = b_full.clone()
+    out[: d.shape[0]] = d.add_(b_full[: d.shape[0]]).to(b_full.dtype)
+    return out
+
+
+def _edited_tensor(edit: _Edit, e: Entry, pre: Checkpoint, post: Checkpoint, seed: int,
+                   compute_dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+    """W_post + D of one whole tensor, in post's dtype: fused in one pass where the edit has a C step."""
     if e.kind != "grown":
-        fused = _native_step(run, e.name, pre.get(e.name), post.get(e.name), seed, compute_dtype)
+        fused = edit.fused(e.name, pre.get(e.name), post.get(e.name), seed, compute_dtype)
         if fused is not None:
             return fused
-    return _new_tensor(*_edited(run, e, pre, post, seed, compute_dtype))
+    return _add(*_post_and_direction(edit, e, pre, post, seed, compute_dtype))
 
 
 #: Entry-wise edits of tensors larger than this (in the compute dtype) are written in row blocks of about this size.
 BLOCK_BYTES = 64 << 20
 
 
-def _edited_blocks(run, e: Entry, pre: Checkpoint, post: Checkpoint, seed: int, compute_dtype: torch.dtype):
-    """W_post + D of one entry in row blocks, for entry-wise edits (``edits.ELEMENTWISE``): each block draws its
-    stretch of the tensor's counter-based random stream (``offset``), so the blocks put together are exactly the
-    tensor edited whole, in a fraction of the memory (a few blocks instead of a few copies of the tensor)."""
+def _in_rows(edit: _Edit, post: Checkpoint, name: str, compute_dtype: torch.dtype) -> bool:
+    shape = post.shapes[name]
+    return edit.spec.entrywise and len(shape) >= 1 and math.prod(shape) * compute_dtype.itemsize > BLOCK_BYTES
+
+
+def _edited_rows(edit: _Edit, e: Entry, pre: Checkpoint, post: Checkpoint, seed: int,
+                 compute_dtype: torch.dtype) -> Iterator[torch.Tensor]:  # fmt: skip
+    """W_post + D of one tensor in row blocks, for entry-wise edits: each block draws its stretch of the tensor's
+    counter-based random stream (``offset``), so the blocks put together are exactly the tensor edited whole, in a
+    fraction of the memory (a few blocks instead of a few copies of the tensor)."""
     shape = post.shapes[e.name]
     edit_rows = e.rows if e.kind == "grown" else shape[0]
     row = math.prod(shape[1:])
@@ -584,30 +368,16 @@ def _edited_blocks(run, e: Entry, pre: Checkpoint, post: Checkpoint, seed: int, 
         cut = min(r1, edit_rows) - r0
         a = pre.rows(e.name, r0, r0 + cut)
         if cut == b.shape[0]:
-            fused = _native_step(run, e.name, a, b, seed, compute_dtype, r0 * row, rows=(r0, r0 + cut))
+            fused = edit.fused(e.name, a, b, seed, compute_dtype, r0 * row, rows=(r0, r0 + cut))
             if fused is not None:
                 yield fused
                 continue
         delta = _delta(e.name, a, b[:cut], compute_dtype, rows=(r0, r0 + cut))
-        edited = run(e.name, delta, seed, r0 * row)
-        yield _new_tensor(b, (edited.clone() if edited is delta else edited).sub_(delta))
+        edited = edit.apply(e.name, delta, seed, r0 * row)
+        yield _add(b, (edited.clone() if edited is delta else edited).sub_(delta))
 
 
-def _blockwise(method: str, post: Checkpoint, name: str, compute_dtype: torch.dtype) -> bool:
-    shape = post.shapes[name]
-    return method in edits.ELEMENTWISE and len(shape) >= 1 and math.prod(shape) * compute_dtype.itemsize > BLOCK_BYTES
-
-
-def _new_tensor(b_full: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """W_post + D, rounded once to post's dtype; rows beyond D's (new tokens of a grown embedding) kept from post.
-
-    ``d`` is consumed (added to in place) to spare one full-precision copy of the tensor.
-    """
-    if d.shape == b_full.shape:
-        return d.add_(b_full).to(b_full.dtype)  # post promoted on the fly (exactly), no converted copy
-    out = b_full.clone()
-    out[: d.shape[0]] = d.add_(b_full[: d.shape[0]]).to(b_full.dtype)
-    return out
+# --- the public editing functions ----------------------------------------------------------------------------
 
 
 def direction(
@@ -618,33 +388,20 @@ def direction(
 
     Rows of a grown embedding that pre lacks get D = 0. ``grad`` (a dict by name) is for ``product_biased``.
     """
-    run = _prepare(method, params, grad)
-    pre_ck, post_ck, entries = _pair(pre, post, include, exclude, preset)
-    _check_ranks(method, params, post_ck, entries)
-    todo = [e for e in entries if e.kind != "keep"]
+    edit = _prepare(method, params, grad)
     out = {}
-    with _bar(len(todo), f"{method} D", progress) as bar:
-        for e in todo:
-            b_full, d = _edited(run, e, pre_ck, post_ck, seed, compute_dtype)
-            if d.shape != b_full.shape:  # a grown embedding: the new rows do not move
-                d = torch.cat([d, d.new_zeros((b_full.shape[0] - d.shape[0], *d.shape[1:]))])
-            out[e.name] = d.to(b_full.dtype)
-            bar.update()
+    with open_checkpoint(pre) as pre_ck, open_checkpoint(post) as post_ck:
+        entries = plan(pre_ck, post_ck, include=include, exclude=exclude, preset=preset)
+        _check_fits(edit, post_ck, entries)
+        todo = [e for e in entries if e.kind != "keep"]
+        with _bar(len(todo), f"{method} D", progress) as bar:
+            for e in todo:
+                b_full, d = _post_and_direction(edit, e, pre_ck, post_ck, seed, compute_dtype)
+                if d.shape != b_full.shape:  # a grown embedding: the new rows do not move
+                    d = torch.cat([d, d.new_zeros((b_full.shape[0] - d.shape[0], *d.shape[1:]))])
+                out[e.name] = d.to(b_full.dtype)
+                bar.update()
     return out
-
-
-def _load_model(folder: Path) -> nn.Module:
-    """The folder's Hugging Face model, in its stored dtype (the class named in config.json)."""
-    import transformers
-
-    config = transformers.AutoConfig.from_pretrained(folder)
-    arch = (getattr(config, "architectures", None) or [None])[0]
-    cls = getattr(transformers, arch, None) if arch else None
-    cls = cls or transformers.AutoModel
-    try:
-        return cls.from_pretrained(folder, dtype="auto")
-    except Exception as e:
-        raise CheckpointError(f"{folder}: cannot load the model ({type(e).__name__}: {e})") from None
 
 
 def apply_edit(
@@ -660,81 +417,67 @@ def apply_edit(
     """
     if out is not None and Path(out).exists() and not overwrite:
         raise OutputExistsError(f"{out} exists (overwrite it with --overwrite, or overwrite=True)")
-    run = _prepare(method, params, grad)
-    if out is None or isinstance(post, nn.Module):
-        if isinstance(post, nn.Module):
-            model = post if inplace else copy.deepcopy(post)
-        else:
-            model = _load_model(_resolve_folder(post))
-        pre_ck, post_ck, entries = _pair(pre, model, include, exclude, preset)
-        _check_ranks(method, params, post_ck, entries)
-        todo = [e for e in entries if e.kind != "keep"]
-        new = {}  # computed before any parameter changes, so an error leaves the model untouched
-        with _bar(len(todo), method, progress) as bar:
-            for e in todo:
-                new[e.name] = _edited_post(run, e, pre_ck, post_ck, seed, compute_dtype)
-                bar.update()
-        with torch.no_grad():
-            for name, t in new.items():
-                model.get_parameter(name).copy_(t)
-        if out is None:
-            return model
-        if not hasattr(model, "save_pretrained"):
-            raise InvalidParameterError("out= with an nn.Module post needs a Hugging Face model (save_pretrained)")
-        with atomic_dir(out, overwrite=overwrite) as tmp:
-            model.save_pretrained(tmp)
-            _write_provenance(tmp, pre, post, method, seed, params, include, exclude, preset)
+    edit = _prepare(method, params, grad)
+    select = dict(include=include, exclude=exclude, preset=preset)
+    if out is not None and not isinstance(post, nn.Module):
+        _edit_on_disk(edit, pre, post, seed, select, out, overwrite, compute_dtype, progress)
         return Path(out)
-
-    pre_ck, post_ck, entries = _pair(pre, post, include, exclude, preset)
-    _check_ranks(method, params, post_ck, entries)
-    by_name = {e.name: e for e in entries}
-    shards: dict[Path, list[str]] = {}
-    for name, path in post_ck.files.items():
-        shards.setdefault(path, []).append(name)
-    total = sum(e.kind != "keep" for e in entries)
-
-    def produce(names):  # one tensor at a time, written as soon as it is made
-        for name in names:
-            e = by_name[name]
-            if e.kind == "keep":
-                yield post_ck.get(name)
-            elif _blockwise(method, post_ck, name, compute_dtype):
-                yield _edited_blocks(run, e, pre_ck, post_ck, seed, compute_dtype)
-                bar.update()
-            else:
-                yield _edited_post(run, e, pre_ck, post_ck, seed, compute_dtype)
-                bar.update()
-
-    with _bar(total, method, progress) as bar, atomic_dir(out, overwrite=overwrite) as tmp:
-        for f in sorted(post_ck.folder.iterdir()):
-            if f.is_file() and not f.name.startswith(".") and not _is_weights(f.name):
-                shutil.copy2(f, tmp / f.name)
-        weight_map, nbytes = {}, 0
-        for path, names in shards.items():
-            fname = path.name if path.suffix == ".safetensors" else path.with_suffix(".safetensors").name
-            fname = fname.replace("pytorch_model", "model")
-            specs = [(n, _stored_dtype(post_ck, n), post_ck.shapes[n]) for n in names]
-            nbytes += _write_safetensors(tmp / fname, specs, produce(names), metadata={"format": "pt"})
-            weight_map.update({n: fname for n in names})
-        if post_ck.index:
-            index = {"metadata": {"total_size": nbytes}, "weight_map": dict(sorted(weight_map.items()))}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        _write_provenance(tmp, pre, post, method, seed, params, include, exclude, preset)
-    post_ck.close()
-    pre_ck.close()
+    if isinstance(post, nn.Module):
+        model = post if inplace else copy.deepcopy(post)
+    else:
+        model = load_model(resolve_folder(post))
+    _edit_in_memory(edit, pre, model, seed, select, compute_dtype, progress)
+    if out is None:
+        return model
+    if not hasattr(model, "save_pretrained"):
+        raise InvalidParameterError("out= with an nn.Module post needs a Hugging Face model (save_pretrained)")
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp)
+        _write_provenance(tmp, pre, post, method, seed, params, **select)
     return Path(out)
 
 
-def _stored_dtype(ck: Checkpoint, name: str) -> torch.dtype:
-    """The dtype a folder stores the tensor in (floating or not), from the header or the memory-mapped .bin."""
-    if name in ck.spans:
-        return ck.spans[name][2]
-    return ck.dtypes.get(name) or ck.get(name).dtype
+def _edit_in_memory(edit: _Edit, pre, model: nn.Module, seed: int, select: dict, compute_dtype, progress) -> None:
+    """Edit the module's parameters; every new tensor is computed before any parameter changes, so an error leaves
+    the model untouched."""
+    with open_checkpoint(pre) as pre_ck:
+        post_ck = open_checkpoint(model)
+        entries = plan(pre_ck, post_ck, **select)
+        _check_fits(edit, post_ck, entries)
+        todo = [e for e in entries if e.kind != "keep"]
+        new = {}
+        with _bar(len(todo), edit.method, progress) as bar:
+            for e in todo:
+                new[e.name] = _edited_tensor(edit, e, pre_ck, post_ck, seed, compute_dtype)
+                bar.update()
+    with torch.no_grad():
+        for name, t in new.items():
+            model.get_parameter(name).copy_(t)
 
 
-def _is_weights(fname: str) -> bool:
-    return fname.endswith(_WEIGHT_SUFFIXES) or fname.endswith(".index.json")
+def _edit_on_disk(edit: _Edit, pre, post, seed: int, select: dict, out, overwrite: bool, compute_dtype,
+                  progress: bool) -> None:  # fmt: skip
+    """Write the edited checkpoint in post's layout into a temporary folder, renamed to ``out`` when complete."""
+    with open_checkpoint(pre) as pre_ck, open_checkpoint(post) as post_ck:
+        entries = {e.name: e for e in plan(pre_ck, post_ck, **select)}
+        _check_fits(edit, post_ck, list(entries.values()))
+
+        def produce(names: list[str]) -> Iterable:  # one tensor at a time, written as soon as it is made
+            for name in names:
+                e = entries[name]
+                if e.kind == "keep":
+                    yield post_ck.get(name)
+                    continue
+                if _in_rows(edit, post_ck, name, compute_dtype):
+                    yield _edited_rows(edit, e, pre_ck, post_ck, seed, compute_dtype)
+                else:
+                    yield _edited_tensor(edit, e, pre_ck, post_ck, seed, compute_dtype)
+                bar.update()
+
+        total = sum(e.kind != "keep" for e in entries.values())
+        with _bar(total, edit.method, progress) as bar, atomic_dir(out, overwrite=overwrite) as tmp:
+            write_like(post_ck, tmp, produce)
+            _write_provenance(tmp, pre, post, edit.method, seed, edit.params, **select)
 
 
 def _write_provenance(folder: Path, pre, post, method, seed, params, include, exclude, preset) -> None:
@@ -744,4 +487,4 @@ def _write_provenance(folder: Path, pre, post, method, seed, params, include, ex
         "pre": name(pre), "post": name(post), "method": method, "params": params, "seed": seed,
         "include": include, "exclude": exclude, "preset": preset, "formula": "W_pre + F(W_post - W_pre)",
     }  # fmt: skip
-    (folder / "unifieddelta_edit.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    (Path(folder) / "unifieddelta_edit.json").write_text(json.dumps(record, indent=2, default=str) + "\n")

@@ -12,13 +12,21 @@ The methods never know where tensors come from: loading and writing checkpoints 
 
 The paper's unified view in one line: the edited model is ``W_post + D`` with ``D = F(ΔW) − ΔW``; DARE,
 its sign-flipping extension and the "biased" variants of Table 1 are all :func:`masked_rescale` with a
-different mask.
+different mask. The biased ones call it; DARE and drop-only compute ``masked_rescale(Δ, dare_mask(...), p, k)``
+in one fused pass (the mask is never materialised), which gives the same bits (``tests/test_edits.py``).
+
+Where each formula lives: DARE and its k-family (paper Eqs. 2-3, §4.2) :func:`dare`; drop-only :func:`drop_only`;
+Table 1 :func:`sign_biased`, :func:`product_biased`; BitDelta and its multi-bit and random-magnitude extensions
+(Eqs. 7-8, §5.3) :func:`bitdelta`; Twin-Merging's SVD (Eq. 10) :func:`low_rank`; TIES' trim (Eq. 10)
+:func:`magnitude_trim`; EXPO and interpolation (Eqs. 13-14) :func:`extrapolate`. The registry at the end
+(:data:`EDITS`) says what the checkpoint driver needs to know about each.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -33,6 +41,7 @@ NATIVE_MIN_NUMEL = 1 << 16
 __all__ = [
     "masked_rescale",
     "uniform_bits",
+    "dare_mask",
     "stream_key",
     "stream_threshold",
     "rescale_factor",
@@ -45,13 +54,13 @@ __all__ = [
     "extrapolate",
     "sign_biased",
     "product_biased",
-    "METHODS",
-    "ELEMENTWISE",
-    "GRAD_METHODS",
+    "EditSpec",
+    "EDITS",
+    "spec",
     "get_method",
-    "needs_generator",
-    "needs_grad",
     "method_params",
+    "check_settings",
+    "with_defaults",
 ]
 
 
@@ -161,6 +170,13 @@ def _scalars(device, dtype, *values) -> list[torch.Tensor]:
     return [torch.tensor(v, dtype=dtype, device=device) for v in values]
 
 
+def dare_mask(shape: tuple[int, ...], p: float, generator: torch.Generator | None = None, offset: int = 0,
+              device: str | torch.device = "cpu") -> torch.Tensor:
+    """DARE's drop mask M = [u < p] (True: dropped) for a tensor of this shape, from the generator's stream."""
+    n = math.prod(shape)
+    return (uniform_bits(n, stream_key(generator), offset, device) < stream_threshold(p)).reshape(shape)
+
+
 def stream_threshold(p: float) -> int:
     """M = [u < p]  ⇔  floor(u·2^24) < ceil(p·2^24) (p·2^24 is exact in binary floating point)."""
     return math.ceil(p * (1 << 24))
@@ -233,9 +249,10 @@ def dare(
 ) -> torch.Tensor:
     """F(Δ) = k·Δ where M=1, (1−k·p)/(1−p)·Δ where M=0, M ~ Bernoulli(p): k=0 is DARE, k<0 flips signs.
 
-    M_i = [u_i < p] with u the generator's counter-based stream (see :func:`uniform_bits`); ``offset`` is the
-    index of the delta's first entry in a larger tensor edited in blocks (each block with a generator in the same
-    state), so the blocks put together equal the tensor edited whole. Same math as :func:`masked_rescale`.
+    That is ``masked_rescale(Δ, dare_mask(Δ.shape, p, generator, offset), p, k)``, computed in one pass: M_i =
+    [u_i < p] with u the generator's counter-based stream (see :func:`uniform_bits`). ``offset`` is the index of
+    the delta's first entry in a larger tensor edited in blocks (each block with a generator in the same state),
+    so the blocks put together equal the tensor edited whole.
     """
     p = _in_range("p", p, 0.0, 1.0, lo_open=False, hi_open=True)
     k = _finite("k", k)
@@ -487,47 +504,121 @@ def _measured_p(mask: torch.Tensor) -> float:
 
 
 # --- registry ------------------------------------------------------------------------------------------------
+#
+# Each edit declares what the checkpoint driver (``deltas.py``) needs to know about it, so that adding an edit
+# touches this file only: whether its settings draw random numbers, whether it needs the loss gradient, whether
+# it is entry-wise (streamable in row blocks), the settings of its one-pass C step, a check against a tensor's
+# shape, and a version that changes when its output does (stored experiment results are keyed by it).
 
-#: Methods that need only the delta (and maybe a generator): what the CLI and the sweeps iterate over.
-METHODS: dict[str, Callable[..., torch.Tensor]] = {
-    "dare": dare,
-    "drop_only": drop_only,
-    "bitdelta": bitdelta,
-    "low_rank": low_rank,
-    "magnitude_trim": magnitude_trim,
-    "extrapolate": extrapolate,
-    "sign_biased": sign_biased,
+
+def _seeded(params: dict) -> bool:
+    return True
+
+
+def _bitdelta_seeded(params: dict) -> bool:
+    return params.get("magnitudes", "mean") != "mean"
+
+
+def _dare_fused(p: float, k: float = 0.0) -> dict:
+    return {"thr": stream_threshold(p), "keep": rescale_factor(p, k), "k": k}
+
+
+def _drop_only_fused(p: float) -> dict:
+    return {"thr": stream_threshold(p), "keep": 1.0, "k": 0.0}
+
+
+def _extrapolate_fused(alpha: float) -> dict:
+    return {"keep": 1.0 + alpha, "scale_only": True}
+
+
+def _low_rank_fits(params: dict, shape: tuple[int, ...] | None) -> None:
+    resolve_rank(params["rank"], (1,) if shape is None else shape)
+
+
+@dataclass(frozen=True)
+class EditSpec:
+    """An edit and what the driver needs to know about it."""
+
+    fn: Callable[..., torch.Tensor]
+    #: settings -> whether the output depends on the seed (then the driver passes a per-tensor generator)
+    seeded: Callable[[dict], bool] = lambda params: False
+    #: takes the loss gradient at W_post, tensor by tensor (``grad=``)
+    needs_grad: bool = False
+    #: output entry i depends on Δ_i alone (and, if seeded, on i's place in the counter-based stream):
+    #: large tensors are edited in row blocks (``offset=`` the block's first entry)
+    entrywise: bool = False
+    #: settings -> keyword arguments of ``native.edit``, the one-pass C step pre, post -> W_post + D
+    #: (the stream's key and offset added by the driver for seeded edits); None: no fused step
+    fused: Callable[..., dict] | None = None
+    #: (settings, shape or None) -> raises InvalidParameterError when the settings do not fit such a tensor
+    #: (None: the settings alone); default: run the edit on a 2x2 stand-in
+    fits: Callable[[dict, tuple[int, ...] | None], None] | None = None
+    #: bumped when the edit's output for the same settings and seed changes
+    version: int = 1
+
+    @property
+    def name(self) -> str:
+        return self.fn.__name__
+
+
+EDITS: dict[str, EditSpec] = {
+    spec.name: spec
+    for spec in [
+        EditSpec(dare, seeded=_seeded, entrywise=True, fused=_dare_fused),
+        EditSpec(drop_only, seeded=_seeded, entrywise=True, fused=_drop_only_fused),
+        EditSpec(bitdelta, seeded=_bitdelta_seeded),
+        EditSpec(low_rank, fits=_low_rank_fits),
+        EditSpec(magnitude_trim),
+        EditSpec(extrapolate, entrywise=True, fused=_extrapolate_fused),
+        EditSpec(sign_biased),
+        EditSpec(product_biased, needs_grad=True),
+    ]
 }
 
-#: Entry-wise methods: each output entry depends on its own delta entry and, for the random ones, on its
-#: row-major index in the stream, so a tensor may be edited in row blocks (``offset=`` the block's first index).
-ELEMENTWISE = frozenset({"dare", "drop_only", "extrapolate"})
 
-#: Methods that also need the loss gradient at W_post, tensor by tensor (``grad=``).
-GRAD_METHODS: dict[str, Callable[..., torch.Tensor]] = {"product_biased": product_biased}
+def spec(name: str) -> EditSpec:
+    """The declaration of the edit called ``name``; an ``InvalidParameterError`` listing the known names otherwise."""
+    if name not in EDITS:
+        raise InvalidParameterError(f"unknown method {name!r}; known methods: {', '.join(sorted(EDITS))}")
+    return EDITS[name]
 
 
 def get_method(name: str) -> Callable[..., torch.Tensor]:
-    """The edit function called ``name``; an ``InvalidParameterError`` listing the known names otherwise."""
-    fn = METHODS.get(name) or GRAD_METHODS.get(name)
-    if fn is None:
-        known = ", ".join(sorted({**METHODS, **GRAD_METHODS}))
-        raise InvalidParameterError(f"unknown method {name!r}; known methods: {known}")
-    return fn
-
-
-def needs_generator(method: str) -> bool:
-    """Whether the method accepts a ``generator`` (draws random numbers for some of its settings)."""
-    return "generator" in inspect.signature(get_method(method)).parameters
-
-
-def needs_grad(method: str) -> bool:
-    """Whether the method needs the loss gradient (``grad=``) besides the delta."""
-    get_method(method)
-    return method in GRAD_METHODS
+    """The edit function called ``name``."""
+    return spec(name).fn
 
 
 def method_params(method: str) -> dict[str, inspect.Parameter]:
     """The method's settings (everything but the delta, the gradient, the generator and the offset), by name."""
     skip = {"delta", "grad", "generator", "offset"}
     return {n: p for n, p in inspect.signature(get_method(method)).parameters.items() if n not in skip}
+
+
+def check_settings(method: str, params: dict, shape: tuple[int, ...] | None = None) -> None:
+    """Raise ``InvalidParameterError`` (naming the method) for an unknown, missing or out-of-range setting, or, with
+    ``shape``, for settings that do not fit a tensor of that shape (a rank above min(m, n))."""
+    s = spec(method)
+    known = method_params(method)
+    unknown = sorted(set(params) - set(known))
+    if unknown:
+        raise InvalidParameterError(
+            f"{method}: unknown parameter(s) {', '.join(unknown)}; it takes {', '.join(known) or 'none'}"
+        )
+    missing = [n for n, p in known.items() if p.default is inspect.Parameter.empty and n not in params]
+    if missing:
+        raise InvalidParameterError(f"{method}: missing parameter(s) {', '.join(missing)}")
+    try:
+        if s.fits is not None:
+            s.fits(params, shape)
+        elif shape is None:  # range checks on a tiny stand-in (never the global RNG)
+            probe = torch.zeros(2, 2, dtype=torch.float64)
+            extra = {"generator": torch.Generator()} if s.seeded(params) else {}
+            s.fn(probe, *([probe] if s.needs_grad else []), **params, **extra)
+    except InvalidParameterError as e:
+        raise InvalidParameterError(f"{method}: {e}") from None
+
+
+def with_defaults(method: str, params: dict) -> dict:
+    """The settings with every default filled in: ``dare(p=0.5)`` and ``dare(p=0.5, k=0.0)`` are one edit."""
+    full = {n: p.default for n, p in method_params(method).items() if p.default is not inspect.Parameter.empty}
+    return {**full, **params}
