@@ -1,6 +1,5 @@
 """The book pipeline: papermill execution with injected parameters, caching, and its errors."""
 
-import json
 import subprocess
 import sys
 from pathlib import Path

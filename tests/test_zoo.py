@@ -132,11 +132,11 @@ def test_vit_pair_end_to_end():
 
 
 def test_vit_backbone_pretrained_on_rotations():
-    from unifieddelta.zoo import vit
+    from unifieddelta.tasks import digits
 
     recipe = ViTRecipe(**{**TINY_VIT.__dict__, "pre_task": "rotation"})
-    x, y = vit.pretrain_data(recipe)
-    assert set(y.tolist()) == {0, 1, 2, 3} and len(x) == 4 * len(vit.task_data("digits", split="train")[1])
+    x, y = digits.pretrain_data(recipe.pre_task, image_size=recipe.image_size)
+    assert set(y.tolist()) == {0, 1, 2, 3} and len(x) == 4 * len(digits.task_data("digits", split="train")[1])
     pre, post = load_pair("tiny-vit/noise", recipe=recipe)
     assert pre.parent != load_pair("tiny-vit/noise", recipe=TINY_VIT)[0].parent
     with pytest.raises(InvalidParameterError, match="pre-training task"):

@@ -12,6 +12,7 @@ import torch
 
 from .errors import InvalidParameterError
 from .tasks import check_tasks, task_manager
+from .tasks.digits import task_data
 
 
 def evaluate_lm(model, tokenizer, tasks: str | list[str] | None = None, limit: int | None = None,
@@ -56,8 +57,6 @@ def evaluate_lm(model, tokenizer, tasks: str | list[str] | None = None, limit: i
 
 def evaluate_vision(model, task: str, *, split: str = "test", batch_size: int = 256) -> float:
     """Accuracy of a ``ViTForImageClassification`` on one of the zoo's digit tasks (``split`` test or train)."""
-    from .zoo.vit import task_data
-
     images, labels = task_data(task, split=split, image_size=model.config.image_size)
     return accuracy(model, images, labels, batch_size=batch_size)
 

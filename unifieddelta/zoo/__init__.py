@@ -12,6 +12,7 @@ import dataclasses
 from pathlib import Path
 
 from ..errors import InvalidParameterError
+from ..tasks.digits import TASKS as VISION_TASKS
 from . import lm, vit
 from .recipes import LMRecipe, ViTRecipe
 from .store import read_manifest
@@ -31,7 +32,7 @@ VIT = ViTRecipe()
 
 def names(*, widths: bool = True) -> list[str]:
     """Every name ``load_pair`` knows; the default pairs first."""
-    out = ["tiny-lm", "tiny-lm-dpo"] + [f"tiny-vit/{t}" for t in vit.TASKS]
+    out = ["tiny-lm", "tiny-lm-dpo"] + [f"tiny-vit/{t}" for t in VISION_TASKS]
     if widths:
         out += [f"tiny-lm/{w}" for w in LM_WIDTHS]
     return out
@@ -53,7 +54,7 @@ def recipe_for(name: str) -> LMRecipe | ViTRecipe:
         except (ValueError, KeyError):
             raise InvalidParameterError(
                 f"unknown width {arg!r} in {name!r}; widths: {', '.join(map(str, LM_WIDTHS))}") from None
-    if kind == "tiny-vit" and arg in vit.TASKS:
+    if kind == "tiny-vit" and arg in VISION_TASKS:
         return VIT
     raise InvalidParameterError(f"unknown zoo name {name!r}; known: {', '.join(names())}")
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import tempfile
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 from ..tasks import generate
 from .recipes import LMRecipe
 from .store import build_entry
+from .training import final_loss, quiet, trainer_args
 
 SPECIAL = {"pad_token": "<pad>", "eos_token": "</s>", "bos_token": "<s>", "unk_token": "<unk>"}
 
@@ -55,35 +55,6 @@ def new_model(recipe: LMRecipe, tokenizer):
     return LlamaForCausalLM(config)
 
 
-def _args(recipe: LMRecipe, out: str, steps: int, batch: int, lr: float, progress: bool, **extra) -> dict:
-    """Trainer arguments shared by the stages: CPU, seeded, no checkpoints or reports, cosine schedule."""
-    args = dict(output_dir=out, max_steps=steps, per_device_train_batch_size=batch, learning_rate=lr,
-                lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20), weight_decay=0.0,
-                seed=recipe.seed, data_seed=recipe.seed, use_cpu=True, report_to="none", save_strategy="no",
-                logging_steps=max(1, steps // 10), disable_tqdm=not progress, dataloader_num_workers=0)
-    return {**args, **extra}
-
-
-def _quiet(trainer, progress: bool):
-    """Keep the Trainer's progress bar (when asked) but not its per-log printing: library code does not print."""
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-    class _Bar(ProgressCallback):
-        def on_log(self, *args, **kwargs):
-            pass
-
-    trainer.remove_callback(PrinterCallback)
-    trainer.remove_callback(ProgressCallback)
-    if progress:
-        trainer.add_callback(_Bar)
-    return trainer
-
-
-def _final_loss(trainer) -> float:
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return float(losses[-1]) if losses else math.nan
-
-
 def _pretrain(recipe: LMRecipe, out: Path, progress: bool) -> dict:
     """Train the tokenizer and the base model on statements; causal-LM loss on every token."""
     from transformers import Trainer, TrainingArguments, set_seed
@@ -100,12 +71,12 @@ def _pretrain(recipe: LMRecipe, out: Path, progress: bool) -> dict:
     data = [{"input_ids": b, "labels": b} for b in blocks]
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(model=model, train_dataset=data,
-                          args=TrainingArguments(**_args(recipe, tmp, recipe.pre_steps, recipe.pre_batch,
+                          args=TrainingArguments(**trainer_args(recipe.seed, tmp, recipe.pre_steps, recipe.pre_batch,
                                                          recipe.pre_lr, progress, weight_decay=0.01)))
-        _quiet(trainer, progress).train()
+        quiet(trainer, progress).train()
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    return {"train_loss": _final_loss(trainer), "parameters": sum(p.numel() for p in model.parameters()),
+    return {"train_loss": final_loss(trainer), "parameters": sum(p.numel() for p in model.parameters()),
             "tokens_seen": recipe.pre_steps * recipe.pre_batch * recipe.seq_len}
 
 
@@ -139,12 +110,12 @@ def _sft(recipe: LMRecipe, parent: Path, out: Path, progress: bool) -> dict:
         data.append({"input_ids": p + c, "prompt_len": len(p)})
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(model=model, train_dataset=data, data_collator=_sft_collate(tokenizer),
-                          args=TrainingArguments(**_args(recipe, tmp, recipe.sft_steps, recipe.sft_batch,
+                          args=TrainingArguments(**trainer_args(recipe.seed, tmp, recipe.sft_steps, recipe.sft_batch,
                                                          recipe.sft_lr, progress, remove_unused_columns=False)))
-        _quiet(trainer, progress).train()
+        quiet(trainer, progress).train()
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    return {"train_loss": _final_loss(trainer)}
+    return {"train_loss": final_loss(trainer)}
 
 
 def _dpo(recipe: LMRecipe, parent: Path, out: Path, progress: bool) -> dict:
@@ -159,14 +130,14 @@ def _dpo(recipe: LMRecipe, parent: Path, out: Path, progress: bool) -> dict:
     pairs = generate.preference_pairs(recipe.dpo_pairs, seed=recipe.seed, n_test=recipe.n_test)
     logging.getLogger("datasets").setLevel(logging.ERROR)
     with tempfile.TemporaryDirectory() as tmp:
-        args = DPOConfig(**_args(recipe, tmp, recipe.dpo_steps, recipe.dpo_batch, recipe.dpo_lr, progress),
+        args = DPOConfig(**trainer_args(recipe.seed, tmp, recipe.dpo_steps, recipe.dpo_batch, recipe.dpo_lr, progress),
                          beta=recipe.dpo_beta, max_length=recipe.seq_len)
         trainer = DPOTrainer(model=model, args=args, processing_class=tokenizer,
                              train_dataset=datasets.Dataset.from_list(pairs))
-        _quiet(trainer, progress).train()
+        quiet(trainer, progress).train()
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    return {"train_loss": _final_loss(trainer), **_heldout_preference(recipe, parent, model, tokenizer)}
+    return {"train_loss": final_loss(trainer), **_heldout_preference(recipe, parent, model, tokenizer)}
 
 
 @torch.no_grad()

@@ -86,7 +86,7 @@ class ViTRecipe:
     heads: int = 4
     init_std: float = 0.02  # as for the LM (LMRecipe.init_std)
     seed: int = 0
-    pre_task: str = "digits"  # what the backbone learns first (vit.PRETRAIN_TASKS)
+    pre_task: str = "digits"  # what the backbone learns first (tasks/digits.py: PRETRAIN_TASKS)
     pre_steps: int = 600
     pre_batch: int = 64
     pre_lr: float = 2e-3
@@ -99,7 +99,7 @@ class ViTRecipe:
 
     def key(self, stage: str, task: str | None = None) -> str:
         """Cache key of the backbone (``pre``) or of one task's pair (``task``)."""
-        from .vit import DATA_VERSION
+        from ..tasks.digits import DATA_VERSION
 
         if stage == "pre":
             return stable_hash("tiny-vit", "pre", DATA_VERSION, _fields(self, ("",), ("probe_", "ft_")))
