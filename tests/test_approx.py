@@ -254,3 +254,105 @@ def test_jvp_without_forward_derivative_says_so():
     d = {"w": torch.ones(1, 1, 4, 8)}
     assert approx.approximation_term(model, d, loss_of, points=1, mode="grad").term != 0
     _raises_restored(model, NotImplementedError, "mode='grad'", lambda: approx.approximation_term(model, d, loss_of, mode="jvp"))
+
+
+# ---------------------------------------------------------------------------------------------- the model is left alone
+
+
+class BatchNormNet(nn.Module):
+    """A BatchNorm in train mode updates its running statistics on every forward pass."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(5, 4).double()
+        self.bn = nn.BatchNorm1d(4).double()
+        self.x = torch.randn(16, 5, dtype=torch.float64)
+
+    def forward(self):
+        return self.bn(self.lin(self.x)).pow(2).mean()
+
+
+def _state(model):
+    return {n: t.detach().clone() for n, t in [*model.named_parameters(), *model.named_buffers()]}
+
+
+def _same_state(model, before, training):
+    now = _state(model)
+    return now.keys() == before.keys() and all(torch.equal(now[n], before[n]) for n in now) and all(
+        m.training == training[i] for i, m in enumerate(model.modules()))
+
+
+QUANTITIES = {
+    "term-grad": lambda m, d, f: approx.approximation_term(m, d, f, points=3),
+    "term-jvp": lambda m, d, f: approx.approximation_term(m, d, f, points=3, mode="jvp"),
+    "loss_change": approx.loss_change,
+    "second_order": approx.second_order_term,
+}
+
+
+@pytest.mark.parametrize("quantity", list(QUANTITIES))
+def test_batchnorm_statistics_and_train_flags_are_restored(quantity):
+    model = BatchNormNet().train()
+    d = {"lin.weight": 0.1 * torch.ones(4, 5, dtype=torch.float64)}
+    before, training = _state(model), [m.training for m in model.modules()]
+
+    def switching(m):  # a loss that also flips the mode of a submodule
+        m.lin.eval()
+        return m()
+
+    if quantity == "term-jvp":  # torch.func cannot run in-place buffer updates: one clear error instead
+        with pytest.raises(InvalidParameterError, match="mode='grad'"):
+            QUANTITIES[quantity](model, d, switching)
+    else:
+        QUANTITIES[quantity](model, d, switching)
+    assert _same_state(model, before, training)  # running_mean, running_var, num_batches_tracked untouched
+
+
+@pytest.mark.parametrize("quantity", list(QUANTITIES))
+def test_a_loss_writing_into_parameters_does_not_reach_the_model(quantity):
+    model = Poly()
+    d = {"a": poly_direction()["a"]}  # b is not directed: it is written too, and must not change either
+    before, training = _state(model), [m.training for m in model.modules()]
+
+    def vandal(m):
+        with torch.no_grad():
+            m.a.data.mul_(3.0)
+            m.b.data.add_(1.0)
+        return m()
+
+    if quantity == "term-jvp":
+        with pytest.raises(InvalidParameterError, match="writes into the model"):
+            QUANTITIES[quantity](model, d, vandal)
+    else:
+        QUANTITIES[quantity](model, d, vandal)
+    assert _same_state(model, before, training)
+
+
+@pytest.mark.parametrize("quantity", list(QUANTITIES))
+def test_a_loss_raising_at_any_node_leaves_the_model_as_it_was(quantity):
+    """Raise at the first, a middle and the last evaluation (t = 0 included), after writing into the model."""
+    n_calls = {"term-grad": 3, "term-jvp": 3, "loss_change": 2, "second_order": 1}[quantity]
+    for fail_at in sorted({1, (n_calls + 1) // 2, n_calls}):
+        model = BatchNormNet().train()
+        d = {"lin.weight": 0.1 * torch.ones(4, 5, dtype=torch.float64)}
+        before, training = _state(model), [m.training for m in model.modules()]
+        calls = []
+
+        def failing(m):
+            calls.append(1)
+            out = m()  # updates the running statistics of whatever tensors it was given
+            if quantity != "term-jvp":  # jvp refuses writes (above)
+                with torch.no_grad():
+                    m.lin.bias.data.fill_(7.0)
+            m.eval()
+            if len(calls) == fail_at:
+                raise RuntimeError(f"failed at call {fail_at}")
+            return out
+
+        if quantity == "term-jvp":
+            model.eval()  # a BatchNorm in train mode is refused in jvp mode (above)
+            before, training = _state(model), [m.training for m in model.modules()]
+        with pytest.raises(RuntimeError, match=f"failed at call {fail_at}"):
+            QUANTITIES[quantity](model, d, failing)
+        assert _same_state(model, before, training), (quantity, fail_at)

@@ -9,8 +9,11 @@ Here the integrand f(t) = ⟨∇L(W + tD), D⟩ is evaluated at the nodes of a q
 backward pass (``mode="grad"``, which also splits f into one inner product per tensor) or by a forward-mode
 directional derivative (``mode="jvp"``, no gradient buffers). Sums run in float64 across tensors and batches.
 
-The model is never mutated: every evaluation goes through ``torch.func.functional_call`` with substituted
-tensors, so its parameters stay bit for bit what they were, whatever ``loss_fn`` does or raises.
+The model is never mutated: every evaluation goes through ``torch.func.functional_call`` with fresh tensors in
+place of all its parameters and buffers (W + tD, or copies), and every module's train/eval flag is put back, so
+the model stays bit for bit what it was, whatever ``loss_fn`` does (writes a parameter, updates BatchNorm's
+statistics, switches modes) or raises. The cost is one copy of the model's weights per node, which W + tD needs
+anyway for every edited tensor.
 
 Data parallel: if ``torch.distributed`` is initialised with more than one process, each process evaluates
 its share of the loss (the losses in :mod:`unifieddelta.losses` take every world-size-th batch) and only the
@@ -21,7 +24,6 @@ A hand-written ``loss_fn`` must then return this process's share of the loss its
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping, Sequence
@@ -190,6 +192,61 @@ def _dot(a: torch.Tensor | None, b: torch.Tensor) -> float:
     return 0.0 if a is None else float(torch.dot(a.reshape(-1).double(), b.reshape(-1).double()))
 
 
+# ---------------------------------------------------------------------------------------------- the scaffold
+
+
+def _fresh(dirs: Mapping[str, tuple[torch.Tensor, torch.Tensor]], model: nn.Module, t: float) -> dict[str, torch.Tensor]:
+    """W + t·D for every parameter as new tensors (none shares storage with the model), and copies of every buffer:
+    whatever ``loss_fn`` writes (a parameter, BatchNorm's running statistics) never reaches the model."""
+    out = {n: b.detach().clone() for n, b in model.named_buffers()}
+    for n, p in model.named_parameters():
+        if n in dirs:
+            d = dirs[n][1]
+            out[n] = p.detach().clone() if t == 0 else p.detach() + t * d
+        else:
+            out[n] = p.detach().clone()
+    return out
+
+
+@contextlib.contextmanager
+def _flags_kept(model: nn.Module) -> Iterator[None]:
+    """Every module's train/eval flag as it was, whatever ``loss_fn`` switches."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
+def _sweep(model: nn.Module, loss_fn: LossFn, dirs, nodes: Sequence[float], width: int, per_part, desc: str,
+           what: str) -> torch.Tensor:  # fmt: skip
+    """The loop the three quantities share. For each node t and each of this process's loss parts, ``per_part(part,
+    tensors, t) -> (loss, values)`` runs on fresh tensors at W + t·D (see :func:`_fresh`); losses and the ``width``
+    values are summed in float64 and checked finite (at once in one process; under torch.distributed only after
+    the sum over processes, so that every process raises alike). Returns ``(len(nodes), width + 1)`` sums over
+    all processes, the loss in the last column. ``what`` names the values in errors."""
+    parts = _parts(loss_fn)
+    local = not _distributed()
+    sums = torch.zeros(len(nodes), width + 1, dtype=torch.float64)
+    with _progress(len(nodes) * len(parts), desc) as bar, _flags_kept(model):
+        for k, t in enumerate(nodes):
+            tensors = _fresh(dirs, model, t)
+            for part in parts:
+                loss, values = per_part(part, tensors, t)
+                sums[k, -1] += float(loss.detach().double())
+                sums[k, :width] += torch.as_tensor(values, dtype=torch.float64).reshape(-1)[:width]
+                if local:
+                    _check_finite(sums[k, -1], t)
+                    _check_finite(sums[k, :width].sum(), t, what)
+                bar.update()
+    sums = _all_reduce(sums)
+    for k, t in enumerate(nodes):
+        _check_finite(sums[k, -1], t)
+        _check_finite(sums[k, :width].sum(), t, what)
+    return sums
+
+
 # ---------------------------------------------------------------------------------------------- the three quantities
 
 
@@ -213,178 +270,79 @@ def approximation_term(
         raise InvalidParameterError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
     dirs = _directions(model, direction)
     names = list(dirs)
-    parts = _parts(loss_fn)
-    local = not _distributed()  # in one process, fail at the first bad node; else only after the reduction
-    vals = torch.zeros(len(nodes), max(len(names), 1), dtype=torch.float64)  # f(t_k) split per tensor
-    losses = torch.zeros(len(nodes), dtype=torch.float64)
-    bar = _progress(len(nodes) * len(parts), f"approximation term ({rule}, {mode})")
-    with bar, contextlib.ExitStack() as stack:
+    per_part = _gradient_dots if mode == "grad" else _directional_derivative
+    with contextlib.ExitStack() as stack:
         if mode == "jvp":
             stack.enter_context(_eager_attention(model))
             stack.enter_context(torch.no_grad())  # forward-mode AD needs no autograd graph
-        for k, t in enumerate(nodes):
-            at = {n: p.detach() if t == 0 else p.detach() + t * d for n, (p, d) in dirs.items()}
-            for part in parts:
-                if not dirs:  # D = 0: the integrand vanishes, only the loss is left to evaluate
-                    with torch.no_grad():
-                        loss = _call(model, part, {}, t)
-                    if local:
-                        _check_finite(loss, t)
-                elif mode == "grad":
-                    x = {n: w.detach().requires_grad_(True) for n, w in at.items()}  # fresh leaves: no .grad buffers
-                    loss = _call(model, part, x, t)
-                    if local:
-                        _check_finite(loss, t)
-                    grads = [None] * len(x)  # a loss that does not depend on the parameters: zero gradient
-                    if loss.requires_grad:
-                        grads = torch.autograd.grad(loss, list(x.values()), allow_unused=True)
-                    for i, (g, (_, d)) in enumerate(zip(grads, dirs.values())):
-                        vals[k, i] += _dot(g, d)
-                else:
-                    tangents = {n: d for n, (_, d) in dirs.items()}
-                    try:
-                        loss, df = jvp(lambda x: _call(model, part, x, t), (at,), (tangents,))
-                    except NotImplementedError as e:  # e.g. a fused attention kernel outside Hugging Face's switch
-                        raise NotImplementedError(f"{e}\nmode='jvp' needs forward-mode derivatives of every op the "
-                                                  "model runs; use mode='grad' or a plain-PyTorch attention") from e
-                    if local:
-                        _check_finite(loss, t)
-                    vals[k, 0] += float(df.double())
-                losses[k] += float(loss.detach().double())
-                if local:
-                    _check_finite(vals[k].sum(), t, "the directional derivative ⟨∇L, D⟩")
-                bar.update()
-    reduced = _all_reduce(torch.cat([vals.reshape(-1), losses]))
-    vals, losses = reduced[: vals.numel()].reshape(vals.shape), reduced[vals.numel() :]
-    for k, t in enumerate(nodes):
-        _check_finite(losses[k], t)
-        _check_finite(vals[k].sum(), t, "the directional derivative ⟨∇L, D⟩")
-    w = torch.tensor(weights, dtype=torch.float64)
-    per_tensor = (w[:, None] * vals).sum(0)
-    n = len(nodes) * len(parts)
+        sums = _sweep(model, loss_fn, dirs, nodes, max(len(names), 1) if mode == "grad" else 1,
+                      lambda part, x, t: per_part(model, part, dirs, x, t),
+                      f"approximation term ({rule}, {mode})", "the directional derivative ⟨∇L, D⟩")
+    vals, losses = sums[:, :-1], sums[:, -1]
+    per_tensor = (torch.tensor(weights, dtype=torch.float64)[:, None] * vals).sum(0)
+    n = len(nodes) * len(_parts(loss_fn))
     return ApproxResult(
         term=float(per_tensor.sum()),
         per_tensor={name: float(v) for name, v in zip(names, per_tensor)} if mode == "grad" else {},
-        nodes=nodes,
-        weights=weights,
-        values=vals.sum(1).tolist(),
-        losses=losses.tolist(),
-        rule=rule,
-        mode=mode,
-        forward_passes=n,
-        backward_passes=n if mode == "grad" else 0,
-    )
+        nodes=nodes, weights=weights, values=vals.sum(1).tolist(), losses=losses.tolist(), rule=rule, mode=mode,
+        forward_passes=n, backward_passes=n if mode == "grad" else 0,
+    )  # fmt: skip
+
+
+def _gradient_dots(model, part, dirs, x, t) -> tuple[torch.Tensor, list[float]]:
+    """The loss at W + tD and ⟨∇_name L, D_name⟩ for each directed tensor, by one backward pass."""
+    leaves = {n: x[n].requires_grad_(True) for n in dirs}  # fresh leaves: no .grad buffers on the model
+    loss = _call(model, part, x, t)
+    grads = [None] * len(leaves)  # a loss that does not depend on the parameters: zero gradient
+    if leaves and loss.requires_grad:
+        grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+    return loss, [_dot(g, d) for g, (_, d) in zip(grads, dirs.values())] or [0.0]
+
+
+def _directional_derivative(model, part, dirs, x, t) -> tuple[torch.Tensor, list[float]]:
+    """The loss at W + tD and d/dt L(W + tD) = ⟨∇L, D⟩ by one forward-mode pass."""
+    if not dirs:
+        return _call(model, part, x, t), [0.0]
+    primals = {n: x[n] for n in dirs}  # the other tensors stay constants of the function
+    tangents = {n: d for n, (_, d) in dirs.items()}
+    try:
+        loss, df = jvp(lambda y: _call(model, part, {**x, **y}, t), (primals,), (tangents,))
+    except NotImplementedError as e:  # e.g. a fused attention kernel outside Hugging Face's switch
+        raise NotImplementedError(f"{e}\nmode='jvp' needs forward-mode derivatives of every op the "
+                                  "model runs; use mode='grad' or a plain-PyTorch attention") from e
+    except RuntimeError as e:
+        if "mutate a captured Tensor" not in str(e):
+            raise
+        raise InvalidParameterError("mode='jvp' cannot run a loss that writes into the model's tensors (a BatchNorm "
+                                    "in train mode updates its statistics): use mode='grad', or eval mode") from e
+    return loss, [float(df.double())]
 
 
 def loss_change(model: nn.Module, direction: Mapping[str, torch.Tensor], loss_fn: LossFn) -> float:
-    """The exact L(W + D) − L(W) (two forward passes per batch, differences summed in float64)."""
+    """The exact L(W + D) − L(W) (two forward passes per batch, the losses summed in float64)."""
     dirs = _directions(model, direction)
-    local = not _distributed()
-    total = torch.zeros(3, dtype=torch.float64)  # [ΔL, L(W), L(W + D)]
     with torch.no_grad():
-        for part in _parts(loss_fn):
-            before = float(_call(model, part, {}, 0.0).double())
-            after = float(_call(model, part, {n: p + d for n, (p, d) in dirs.items()}, 1.0).double())
-            if local:
-                _check_finite(before, 0.0)
-                _check_finite(after, 1.0)
-            total += torch.tensor([after - before, before, after], dtype=torch.float64)
-    total = _all_reduce(total)
-    _check_finite(total[1], 0.0)
-    _check_finite(total[2], 1.0)
-    return float(total[0])
+        sums = _sweep(model, loss_fn, dirs, [0.0, 1.0], 0, lambda part, x, t: (_call(model, part, x, t), []),
+                      "exact loss change", "the loss")
+    return float(sums[1, -1] - sums[0, -1])
 
 
 def second_order_term(model: nn.Module, direction: Mapping[str, torch.Tensor], loss_fn: LossFn) -> float:
     """½·Dᵀ H D at W, by a Hessian-vector product (double backward; one forward, two backward passes per batch)."""
     dirs = _directions(model, direction)
-    local = not _distributed()
-    total = torch.zeros(2, dtype=torch.float64)  # [½ DᵀHD, L(W)]
+
+    def per_part(part, x, t):
+        leaves = {n: x[n].requires_grad_(True) for n in dirs}
+        loss = _call(model, part, x, t)
+        value = 0.0
+        if leaves and loss.requires_grad:
+            grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True, allow_unused=True)
+            gd = sum((g * d).sum() for g, (_, d) in zip(grads, dirs.values()) if g is not None)
+            if isinstance(gd, torch.Tensor) and gd.requires_grad:
+                hd = torch.autograd.grad(gd, list(leaves.values()), allow_unused=True)
+                value = 0.5 * sum(_dot(h, d) for h, (_, d) in zip(hd, dirs.values()))
+        return loss, [value]
+
     with _eager_attention(model):  # the fused attention kernels have no double backward
-        for part in _parts(loss_fn):
-            x = {n: p.detach().requires_grad_(True) for n, (p, _) in dirs.items()}
-            loss = _call(model, part, x, 0.0)
-            if local:
-                _check_finite(loss, 0.0)
-            value = 0.0
-            if x and loss.requires_grad:
-                grads = torch.autograd.grad(loss, list(x.values()), create_graph=True, allow_unused=True)
-                gd = sum((g * d).sum() for g, (_, d) in zip(grads, dirs.values()) if g is not None)
-                if isinstance(gd, torch.Tensor) and gd.requires_grad:
-                    hd = torch.autograd.grad(gd, list(x.values()), allow_unused=True)
-                    value = 0.5 * sum(_dot(h, d) for h, (_, d) in zip(hd, dirs.values()))
-            total += torch.tensor([value, float(loss.detach().double())], dtype=torch.float64)
-    total = _all_reduce(total)
-    _check_finite(total[1], 0.0)
-    _check_finite(total[0], 0.0, "½·DᵀHD")
-    return float(total[0])
-
-
-# ---------------------------------------------------------------------------------------------- Figure 3
-
-
-def _edit_spec(edit) -> tuple[str, dict]:
-    """An edit given as "bitdelta", ("dare", {"p": 0.5}) or {"method": "dare", "p": 0.5} -> (method, params)."""
-    if isinstance(edit, str):
-        return edit, {}
-    if isinstance(edit, Mapping):
-        params = dict(edit)
-        if "method" not in params:
-            raise InvalidParameterError(f"an edit given as a dict needs a 'method' key: {edit!r}")
-        return params.pop("method"), params
-    if isinstance(edit, Sequence) and len(edit) == 2 and isinstance(edit[0], str) and isinstance(edit[1], Mapping):
-        return edit[0], dict(edit[1])
-    raise InvalidParameterError(
-        f"cannot read edit {edit!r}: expected 'method', ('method', {{params}}) or {{'method': ..., params}}")
-
-
-def term_table(
-    pre,
-    post: nn.Module,
-    edits: Sequence,
-    loss_fn: LossFn,
-    *,
-    seed: int = 0,
-    points: int = 5,
-    rule: str = "left",
-    mode: str = "grad",
-    second_order: bool = True,
-    include=None,
-    exclude=None,
-    preset: str = "all",
-):
-    """The paper's Figure 3 as a tidy table: one row per edit and tensor (one per edit in jvp mode).
-
-    Columns: edit, method, params, tensor, tensor_term (that tensor's share), term, loss_change (exact),
-    second_order (½DᵀHD, NaN if not asked), the cost per batch-pass on this process (term_forward,
-    term_backward; the exact change costs 2 forwards per batch, ½DᵀHD one forward and two backwards) and the
-    seconds each quantity took. ``pre`` is anything ``deltas.direction`` reads; ``post`` the model at W_post.
-    """
-    import time
-
-    import pandas as pd
-
-    from . import deltas
-
-    rows = []
-    for edit in tqdm(edits, desc="edits", leave=False, disable=None):
-        method, params = _edit_spec(edit)
-        label = method + "(" + ", ".join(f"{k}={v}" for k, v in params.items()) + ")"
-        d = deltas.direction(pre, post, method, seed=seed, include=include, exclude=exclude, preset=preset, **params)
-        t0 = time.perf_counter()
-        res = approximation_term(post, d, loss_fn, points=points, rule=rule, mode=mode)
-        t1 = time.perf_counter()
-        change = loss_change(post, d, loss_fn)
-        t2 = time.perf_counter()
-        so = second_order_term(post, d, loss_fn) if second_order else math.nan
-        t3 = time.perf_counter()
-        common = dict(edit=label, method=method, params=json.dumps(params, sort_keys=True, default=str),
-                      term=res.term, loss_change=change, second_order=so,
-                      term_forward=res.forward_passes, term_backward=res.backward_passes,
-                      term_seconds=t1 - t0, loss_change_seconds=t2 - t1, second_order_seconds=t3 - t2)  # fmt: skip
-        split = res.per_tensor or {None: math.nan}
-        rows += [dict(common, tensor=name, tensor_term=value) for name, value in split.items()]
-    columns = ["edit", "method", "params", "tensor", "tensor_term", "term", "loss_change", "second_order",
-               "term_forward", "term_backward",
-               "term_seconds", "loss_change_seconds", "second_order_seconds"]  # fmt: skip
-    return pd.DataFrame(rows, columns=columns)
+        sums = _sweep(model, loss_fn, dirs, [0.0], 1, per_part, "second-order term", "½·DᵀHD")
+    return float(sums[0, 0])
