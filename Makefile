@@ -27,4 +27,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
 
 clean:
-	rm -rf _build book/_generated
+	rm -rf _build book/generated

@@ -7,12 +7,10 @@ On a tiny Llama pair, for DARE p=0.5, BitDelta, low-rank 0.1, magnitude trim 0.1
   ``torch.cuda.max_memory_allocated`` over the call);
 - |term − ΔL| / |ΔL| for the paper's left rule with C = 5 and Gauss–Legendre with 2 and 3 points.
 
-The pair: ``--pair tiny-lm`` is the zoo's (``unifieddelta.zoo.load_pair``, trained on first use), with 8
-held-out questions per task and their answers as data; ``--pair own`` trains a smaller one here once (cached):
-a Llama pre-trained on copying token sequences, then fine-tuned (answer tokens only) to reverse them. The
-default, ``auto``, takes the zoo's pair if it is already built and the own pair otherwise.
+The pair: a zoo language pair (``--pair``, default ``tiny-lm``; ``unifieddelta.zoo.load_pair``, trained on first
+use), with 8 held-out questions per task and their answers as data.
 
-    python benchmarks/approx_bench.py [--pair auto|own|tiny-lm] [--device cpu|cuda] [--dtype float64|float32]
+    python benchmarks/approx_bench.py [--pair tiny-lm|tiny-lm/128|...] [--device cpu|cuda] [--dtype float64|float32]
 """
 
 from __future__ import annotations
@@ -29,57 +27,14 @@ from unifieddelta import approx, deltas, losses
 EDITS = [("dare", {"p": 0.5}), ("bitdelta", {}), ("low_rank", {"rank": 0.1}), ("magnitude_trim", {"keep": 0.1}), ("extrapolate", {"alpha": 0.5})]
 
 
-def _rows(n: int, length: int, vocab: int, seed: int) -> torch.Tensor:
-    return torch.randint(4, vocab, (n, length), generator=torch.Generator().manual_seed(seed))
-
-
-def own_pair(vocab=128, hidden=64, layers=4, length=12, seed=0):
-    """(pre, post, pairs): pre copies a token sequence after a separator; post was fine-tuned to reverse it.
-
-    Trained once (about a minute on two cores) and cached under the project's cache folder.
-    """
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from unifieddelta.cache import cache_dir, stable_hash
-
-    test = _rows(32, length, vocab, seed=9)
-    pairs = [(row.tolist() + [3], row.flip(0).tolist()) for row in test]
-    folder = cache_dir("bench", "approx-pair-" + stable_hash(vocab, hidden, layers, length, seed, "v1"))
-    if (folder / "post" / "config.json").exists():
-        return LlamaForCausalLM.from_pretrained(folder / "pre").eval(), LlamaForCausalLM.from_pretrained(folder / "post").eval(), pairs
-
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)  # fmt: skip
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg)
-
-    def train(steps, lr, make, seed):
-        opt = torch.optim.AdamW(model.parameters(), lr=lr)
-        for step in range(steps):
-            x = _rows(32, length, vocab, seed * 100_000 + step)
-            ids, labels = make(x)
-            loss = model(input_ids=ids, labels=labels).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-
-    sep = torch.full((32, 1), 3)
-    masked = lambda x: torch.full_like(torch.cat([x, sep], 1), -100)  # noqa: E731  (prompt tokens do not count)
-    train(200, 3e-3, lambda x: (torch.cat([x, sep, x], 1),) * 2, seed=1)  # pre-training: the copy task, every token
-    model.save_pretrained(folder / "pre")
-    train(40, 3e-4, lambda x: (torch.cat([x, sep, x.flip(1)], 1), torch.cat([masked(x), x.flip(1)], 1)), seed=2)  # SFT
-    model.save_pretrained(folder / "post")
-    return LlamaForCausalLM.from_pretrained(folder / "pre").eval(), model.eval(), pairs
-
-
-def zoo_pair(per_task=8):
-    """(pre, post, pairs) of the zoo's ``tiny-lm`` (pre-trained -> SFT), with held-out task questions as data."""
+def zoo_pair(name: str = "tiny-lm", per_task: int = 8):
+    """(pre, post, pairs) of a zoo LM pair (pre-trained -> SFT), with held-out task questions as data."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from unifieddelta import zoo
     from unifieddelta.tasks import generate
 
-    pre_dir, post_dir = zoo.load_pair("tiny-lm", progress=True)
+    pre_dir, post_dir = zoo.load_pair(name, progress=True)
     tok = AutoTokenizer.from_pretrained(post_dir)
     docs = [d for task in generate.TASKS for d in generate.test_docs(task)[:per_task]]
     texts = [(generate.prompt(d["question"]), " " + d["answer"]) for d in docs]
@@ -141,7 +96,7 @@ def measure(fn, device: str, memory: bool = True):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--pair", default="auto", choices=["auto", "own", "tiny-lm"], help="auto: tiny-lm if the zoo has built it")
+    ap.add_argument("--pair", default="tiny-lm", help="a zoo language pair (pre-trained -> SFT)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float64", choices=["float64", "float32"])
     ap.add_argument("--batch-size", type=int, default=8)
@@ -150,11 +105,7 @@ def main() -> None:
     import pandas as pd
 
     t0 = time.perf_counter()
-    if args.pair == "auto":
-        from unifieddelta import zoo
-
-        args.pair = "tiny-lm" if zoo.describe("tiny-lm")["built"] else "own"
-    pre, post, pairs = own_pair() if args.pair == "own" else zoo_pair()
+    pre, post, pairs = zoo_pair(args.pair)
     dtype = getattr(torch, args.dtype)
     pre, post = pre.to(args.device, dtype), post.to(args.device, dtype)
     loss = losses.causal_lm_nll(pairs, batch_size=args.batch_size)

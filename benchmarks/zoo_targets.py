@@ -20,15 +20,14 @@ writes every number printed.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import statistics
 import time
 
 import pandas as pd
-from safetensors.torch import load_file
 
 from unifieddelta import zoo
+from unifieddelta.deltas import delta_stats
+from unifieddelta.settings import parse_settings
 from unifieddelta.evaluate import evaluate_lm
 
 #: A task "breaks" under an edit when it loses more than this (accuracy/exact match, in [0, 1]) against post.
@@ -37,8 +36,7 @@ BREAK = 0.02
 
 def rel_change(pre, post) -> float:
     """Median over the 2-D tensors of ‖W_post − W_pre‖ / ‖W_pre‖."""
-    a, b = load_file(str(pre / "model.safetensors")), load_file(str(post / "model.safetensors"))
-    return statistics.median(((b[k] - a[k]).norm() / a[k].norm()).item() for k in a if a[k].ndim == 2)
+    return float(delta_stats(pre, post, preset="matrices")["rel_change"].median())
 
 
 def dare_model(pre, post, p: float, seed: int = 0):
@@ -96,18 +94,12 @@ def measure_lm(name: str, pre, post, ps: list[float], seeds: int = 1) -> dict:
 
 
 def with_overrides(recipe, overrides: list[str]):
-    """``recipe`` with each ``FIELD=VALUE`` it has replaced (the value cast to the field's type)."""
-    changes = {}
-    for item in overrides:
-        field, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set takes FIELD=VALUE, got {item!r}")
-        if not hasattr(recipe, field):
-            if not any(hasattr(r, field) for r in (zoo.LMRecipe(), zoo.ViTRecipe())):
-                raise SystemExit(f"--set: no recipe has a field {field!r}")
-            continue
-        changes[field] = type(getattr(recipe, field))(value)
-    return dataclasses.replace(recipe, **changes)
+    """``recipe`` with each ``FIELD=VALUE`` it has replaced (fields of the other kind of recipe are skipped)."""
+    changes = parse_settings(overrides)
+    for field in changes:
+        if not any(hasattr(r, field) for r in (zoo.LMRecipe(), zoo.ViTRecipe())):
+            raise SystemExit(f"--set: no recipe has a field {field!r}")
+    return zoo.with_overrides(recipe, {k: v for k, v in changes.items() if hasattr(recipe, k)})
 
 
 def main() -> None:

@@ -8,14 +8,14 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _approx_models import random_direction, tiny_llama, token_pairs  # noqa: E402
+from helpers import f64_llama, random_direction, token_pairs  # noqa: E402
 
 from unifieddelta import approx, losses  # noqa: E402
 
 
 def compute() -> dict:
     """The same numbers in one process or many: 5 batches, so 2 ranks get 3 and 2 of them."""
-    model = tiny_llama()
+    model = f64_llama()
     d = random_direction(model, 0.01)
     loss = losses.causal_lm_nll(token_pairs(9), batch_size=2)
     grad = approx.approximation_term(model, d, loss, points=3, rule="left", mode="grad")

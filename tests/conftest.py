@@ -7,6 +7,7 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -19,3 +20,22 @@ def _private_cache(tmp_path_factory):
         os.environ.pop("UNIFIEDDELTA_CACHE", None)
     else:
         os.environ["UNIFIEDDELTA_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def pair(tmp_path_factory):
+    """Saved tiny Llama checkpoints (pre, post, post in many small shards), float32; tests never write into them."""
+    from helpers import save_pair
+
+    root = tmp_path_factory.mktemp("pair")
+    pre, post = save_pair(root)
+    sharded = save_pair(root / "sharded", sharded=True)[1]
+    return pre, post, sharded
+
+
+@pytest.fixture(scope="session")
+def pair_bf16(tmp_path_factory):
+    """The same pair saved in bfloat16: (pre, post)."""
+    from helpers import save_pair
+
+    return save_pair(tmp_path_factory.mktemp("bf16"), dtype=torch.bfloat16)

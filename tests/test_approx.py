@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from _approx_models import random_direction, snapshot, tiny_llama, token_pairs, unchanged
+from helpers import f64_llama, random_direction, snapshot, token_pairs, unchanged
 from unifieddelta import approx, losses
 from unifieddelta.errors import InvalidParameterError, MismatchError, NonFiniteError
 
@@ -133,7 +133,7 @@ def test_quadrature_nodes():
 
 @pytest.fixture(scope="module")
 def llama():
-    model = tiny_llama()
+    model = f64_llama()
     return model, random_direction(model, 0.01), losses.causal_lm_nll(token_pairs(6), batch_size=4)
 
 

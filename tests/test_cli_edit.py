@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from _tiny_ckpt import load_tensors, save_pair
+from helpers import load_tensors
 from unifieddelta import deltas
 from unifieddelta.cli import main
 from unifieddelta.errors import (
@@ -23,11 +23,6 @@ from unifieddelta.errors import (
 )
 
 
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    return save_pair(tmp_path_factory.mktemp("cli"))
-
-
 def run(capsys, *argv):
     rc = main([str(a) for a in argv])
     out, err = capsys.readouterr()
@@ -35,7 +30,7 @@ def run(capsys, *argv):
 
 
 def test_stats_prints_a_row_per_tensor_and_writes_csv(pair, tmp_path, capsys):
-    pre, post = pair
+    pre, post, _ = pair
     rc, out, err = run(capsys, "stats", "--pre", pre, "--post", post, "--csv", tmp_path / "s.csv")
     assert rc == 0 and not [s for s in re.split(r"[\r\n]", err) if s.strip() and not PROGRESS.match(s)]
     table = deltas.delta_stats(pre, post)
@@ -50,7 +45,7 @@ def test_stats_prints_a_row_per_tensor_and_writes_csv(pair, tmp_path, capsys):
 def test_edit_round_trip_loads_and_matches_the_library(pair, tmp_path, capsys):
     from transformers import LlamaForCausalLM
 
-    pre, post = pair
+    pre, post, _ = pair
     out = tmp_path / "dare"
     rc, stdout, err = run(capsys, "edit", "--pre", pre, "--post", post, "--method", "dare", "--set", "p=0.9",
                           "--set", "k=0", "--seed", "0", "--out", out)  # fmt: skip
@@ -63,7 +58,7 @@ def test_edit_round_trip_loads_and_matches_the_library(pair, tmp_path, capsys):
 
 
 def test_edit_settings_are_typed_and_selection_applies(pair, tmp_path, capsys):
-    pre, post = pair
+    pre, post, _ = pair
     out = tmp_path / "bd"
     rc, _, _ = run(capsys, "edit", "--pre", pre, "--post", post, "--method", "bitdelta", "--set", "bits=2",
                    "--set", "scale=1.5", "--include", "mlp", "--exclude", "layers.1", "--out", out)  # fmt: skip
@@ -85,7 +80,7 @@ def bad(pair, tmp_path_factory):
     from safetensors.torch import save_file
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    pre, post = pair
+    pre, post, _ = pair
     root = tmp_path_factory.mktemp("bad")
     (root / "not-a-checkpoint").mkdir()
     (root / "not-a-checkpoint" / "README.txt").write_text("hello\n")

@@ -9,22 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from _tiny_ckpt import load_tensors, post_of, save, save_pair, tiny_llama
+from helpers import checkpoint_llama, load_tensors, post_of, save
 from unifieddelta import deltas, edits
 from unifieddelta.errors import InvalidParameterError, MismatchError, NonFiniteError
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pair")
-    pre, post = save_pair(root)
-    sharded = save_pair(root / "sharded", sharded=True)[1]
-    return pre, post, sharded
-
-
-@pytest.fixture(scope="module")
-def pair_bf16(tmp_path_factory):
-    return save_pair(tmp_path_factory.mktemp("bf16"), dtype=torch.bfloat16)
 
 
 def reference_edit(pre, post, method, seed=0, **params):
@@ -55,7 +42,7 @@ def test_iter_deltas_yields_every_delta_in_float64(pair):
 
 
 def test_iter_deltas_on_modules_uses_parameter_names():
-    pre = tiny_llama()
+    pre = checkpoint_llama()
     post = post_of(pre)
     names = [n for n, _ in deltas.iter_deltas(pre, post)]
     assert names == [n for n, _ in post.named_parameters()]
@@ -104,7 +91,7 @@ def test_delta_stats_against_numpy(pair):
 
 
 def test_delta_stats_counts_exact_zeros(tmp_path):
-    pre = tiny_llama()
+    pre = checkpoint_llama()
     post = post_of(pre)
     with torch.no_grad():
         post.get_parameter("model.norm.weight").copy_(pre.get_parameter("model.norm.weight"))
@@ -196,7 +183,7 @@ def test_in_memory_edit_matches_the_written_one(pair, tmp_path):
     pre, post, _ = pair
     written = load_tensors(deltas.apply_edit(pre, post, "dare", p=0.6, k=-0.5, seed=2, out=tmp_path / "o"))
     from_folder = deltas.apply_edit(pre, post, "dare", p=0.6, k=-0.5, seed=2)
-    pre_m, post_m = tiny_llama(), post_of(tiny_llama())
+    pre_m, post_m = checkpoint_llama(), post_of(checkpoint_llama())
     before = {n: p.detach().clone() for n, p in post_m.named_parameters()}
     from_modules = deltas.apply_edit(pre_m, post_m, "dare", p=0.6, k=-0.5, seed=2)
     assert all(torch.equal(from_folder.get_parameter(n).detach(), written[n]) for n in written)
@@ -211,7 +198,7 @@ def test_direction_is_the_edit_minus_post(pair, tmp_path):
     written = load_tensors(deltas.apply_edit(pre, post, "low_rank", rank=0.5, out=tmp_path / "o"))
     b = load_tensors(post)
     direction = deltas.direction(pre, post, "low_rank", rank=0.5, include=r"layers\.0\.")
-    model = tiny_llama()
+    model = checkpoint_llama()
     assert direction and set(direction) <= dict(model.named_parameters()).keys()
     assert all(".layers.0." in n for n in direction)
     for name, d in direction.items():
@@ -324,7 +311,7 @@ def test_pytorch_bin_checkpoints_are_read_and_written_as_safetensors(pair, tmp_p
 
 
 def test_save_helper_roundtrip(tmp_path):
-    folder = save(tiny_llama(layers=1), tmp_path / "m")
+    folder = save(checkpoint_llama(layers=1), tmp_path / "m")
     assert (folder / "model.safetensors").exists() and (folder / "tokenizer_config.json").exists()
 
 
@@ -345,7 +332,7 @@ def test_hub_ids_resolve_through_the_hub_cache_and_fail_clearly(pair, monkeypatc
 
 def test_module_post_written_with_save_pretrained(pair, tmp_path):
     pre, post, _ = pair
-    post_m = post_of(tiny_llama())
+    post_m = post_of(checkpoint_llama())
     out = deltas.apply_edit(pre, post_m, "magnitude_trim", keep=0.5, out=tmp_path / "o")
     ref = deltas.apply_edit(pre, post_m, "magnitude_trim", keep=0.5)
     got = load_tensors(out)
@@ -362,3 +349,29 @@ def test_sharded_checkpoint_missing_a_listed_shard_is_refused(pair, tmp_path):
     victim.unlink()
     with pytest.raises(CheckpointError, match=f"shard {victim.name} listed in model.safetensors.index.json is missing"):
         deltas.delta_stats(pre, broken)
+
+
+def test_every_path_closes_the_checkpoints_it_opens(pair, monkeypatch):
+    from unifieddelta import checkpoints
+
+    opened, closed = [], []
+    real_open, real_close = checkpoints.open_checkpoint, checkpoints.Checkpoint.close
+
+    def spy_open(source):
+        ck = real_open(source)
+        opened.append(ck)
+        return ck
+
+    def spy_close(self):
+        closed.append(self)
+        real_close(self)
+
+    monkeypatch.setattr(deltas, "open_checkpoint", spy_open)
+    monkeypatch.setattr(checkpoints.Checkpoint, "close", spy_close)
+    pre, post, _ = pair
+    for call in (lambda: deltas.direction(pre, post, "dare", p=0.5), lambda: deltas.delta_stats(pre, post),
+                 lambda: list(deltas.iter_deltas(pre, post)), lambda: deltas.apply_edit(pre, post, "bitdelta")):
+        opened.clear(), closed.clear()
+        call()
+        assert len(opened) == 2 and all(any(c is o for c in closed) for o in opened)
+        assert all(not ck._handles for ck in opened)

@@ -9,18 +9,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from helpers import gen, rand
 from unifieddelta import edits
 from unifieddelta.errors import InvalidParameterError, MismatchError
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
-
-
-def rand(*shape, seed=0, dtype=torch.float64):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
-
-
-def gen(seed=0):
-    return torch.Generator().manual_seed(seed)
 
 
 def flat(t):

@@ -6,12 +6,9 @@ import math
 import pytest
 import torch
 
+from helpers import rand
 from unifieddelta import edits
 from unifieddelta.errors import InvalidParameterError
-
-
-def rand(*shape, seed=0, dtype=torch.float64):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
 
 
 def ref_trim(delta, keep):

@@ -8,14 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from _approx_models import tiny_llama, token_pairs
+from helpers import f64_llama, token_pairs
 from unifieddelta import losses
 from unifieddelta.errors import InvalidParameterError
 
 
 @pytest.fixture(scope="module")
 def model():
-    return tiny_llama()
+    return f64_llama()
 
 
 def manual_nll(model, pairs):
@@ -86,7 +86,7 @@ def test_dpo_loss(model):
     same = losses.dpo_loss(copy.deepcopy(model), triples, beta=0.5, batch_size=3)
     with torch.no_grad():
         assert float(same(model)) == pytest.approx(math.log(2), rel=1e-12)  # π = π_ref: every margin is zero
-    other = tiny_llama(seed=1)
+    other = f64_llama(seed=1)
     loss = losses.dpo_loss(other, triples, beta=0.5, batch_size=3)
 
     def seq_logp(m, prompt, answer):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from _tiny_ckpt import load_tensors
+from helpers import gen, load_tensors
 from unifieddelta import deltas, edits, native
 from unifieddelta.errors import NonFiniteError
 
@@ -38,10 +38,6 @@ def same_bits(a, b):
         return False
     a, b = a[~a.isnan()], b[~b.isnan()]
     return torch.equal(a.view(ints[a.element_size()]), b.view(ints[b.element_size()]))
-
-
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
 
 
 CASES = {  # bf16 × 10 (DARE p=0.9) lands halfway between two bf16 values 1 time in 16: ties are covered

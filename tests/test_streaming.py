@@ -8,15 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from _tiny_ckpt import load_tensors, save_pair
+from helpers import load_tensors
 from unifieddelta import checkpoints, deltas
 from unifieddelta.cli import main
 from unifieddelta.errors import MismatchError, NonFiniteError
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    return save_pair(tmp_path_factory.mktemp("stream"))
 
 
 def test_streamed_safetensors_load_back_exactly(tmp_path):
@@ -53,7 +48,7 @@ def test_reader_gives_what_safetensors_stored(tmp_path):
 
 
 def test_cli_compute_dtype_float32_matches_the_library(pair, tmp_path, capsys):
-    pre, post = pair
+    pre, post, _ = pair
     argv = ["edit", "--pre", pre, "--post", post, "--method", "dare", "--set", "p=0.7", "--seed", "1"]
     assert main([str(a) for a in [*argv, "--compute-dtype", "float32", "--out", tmp_path / "f32"]]) == 0
     got = load_tensors(tmp_path / "f32")
@@ -69,7 +64,7 @@ def test_cli_compute_dtype_float32_matches_the_library(pair, tmp_path, capsys):
 @pytest.mark.parametrize("method,params", [("dare", {"p": 0.7, "k": -0.5}), ("drop_only", {"p": 0.4}), ("extrapolate", {"alpha": 0.3})])
 @pytest.mark.parametrize("compute_dtype", [torch.float64, torch.float32])
 def test_row_blocks_give_exactly_the_tensor_edited_whole(pair, tmp_path, monkeypatch, method, params, compute_dtype):
-    pre, post = pair
+    pre, post, _ = pair
     whole = load_tensors(deltas.apply_edit(pre, post, method, seed=5, out=tmp_path / "whole", compute_dtype=compute_dtype, **params))
     monkeypatch.setattr(deltas, "BLOCK_BYTES", 200)  # a few rows per block, blocks cutting through the tensors
     edit = deltas._prepare(method, params, None)
@@ -79,7 +74,7 @@ def test_row_blocks_give_exactly_the_tensor_edited_whole(pair, tmp_path, monkeyp
 
 
 def test_row_blocks_of_a_grown_embedding_keep_the_new_rows(pair, tmp_path, monkeypatch):
-    pre, post = pair
+    pre, post, _ = pair
     grown = tmp_path / "grown"
     grown.mkdir()
     tensors = load_tensors(post)
@@ -99,7 +94,7 @@ def test_row_blocks_of_a_grown_embedding_keep_the_new_rows(pair, tmp_path, monke
 
 
 def test_a_non_finite_block_names_the_tensor_and_rows(pair, tmp_path, monkeypatch):
-    pre, post = pair
+    pre, post, _ = pair
     bad = tmp_path / "bad"
     bad.mkdir()
     tensors = load_tensors(post)

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from unifieddelta import zoo
+from unifieddelta.errors import InvalidParameterError
 
 from test_zoo import TINY_LM
 
@@ -38,7 +39,7 @@ def test_overrides_cast_to_the_field_type_and_reject_unknown_fields(zt):
     assert recipe.sft_lr == 5e-5 and recipe.width == 32  # ft_steps is a ViT field: skipped for an LM
     with pytest.raises(SystemExit, match="no recipe has a field"):
         zt.with_overrides(recipe, ["sft_rate=1"])
-    with pytest.raises(SystemExit, match="FIELD=VALUE"):
+    with pytest.raises(InvalidParameterError, match="KEY=VALUE"):
         zt.with_overrides(recipe, ["sft_lr"])
 
 

@@ -9,6 +9,7 @@ import argparse
 import sys
 
 from .errors import UnifiedDeltaError
+from .settings import parse_settings
 
 
 def _book(args: argparse.Namespace) -> int:
@@ -28,26 +29,9 @@ def _add_book(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_book)
 
 
-def _parse_set(items: list[str] | None) -> dict[str, object]:
-    """``key=value`` pairs; values read as int, float, true/false/none, else kept as text."""
-    from .errors import InvalidParameterError
-
-    params: dict[str, object] = {}
-    for item in items or []:
-        key, sep, text = item.partition("=")
-        if not sep or not key.strip():
-            raise InvalidParameterError(f"--set expects key=value, got {item!r}")
-        value: object = text
-        for cast in (int, float):
-            try:
-                value = cast(text)
-                break
-            except ValueError:
-                pass
-        else:
-            value = {"true": True, "false": False, "none": None}.get(text.lower(), text)
-        params[key.strip()] = value
-    return params
+def _add_pair_args(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--pre", required=required, help="pre-trained checkpoint: a local Hugging Face folder or a hub id")
+    p.add_argument("--post", required=required, help="post-trained checkpoint: a local Hugging Face folder or a hub id")
 
 
 def _warn_lines(caught) -> None:
@@ -66,7 +50,7 @@ def _edit(args: argparse.Namespace) -> int:
 
     from .deltas import apply_edit
 
-    params = _parse_set(args.set)
+    params = parse_settings(args.set)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = apply_edit(
@@ -81,8 +65,7 @@ def _edit(args: argparse.Namespace) -> int:
 
 def _add_edit(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("edit", help="write the checkpoint W_pre + F(W_post - W_pre), shard by shard")
-    p.add_argument("--pre", required=True, help="pre-trained checkpoint: a local Hugging Face folder or a hub id")
-    p.add_argument("--post", required=True, help="post-trained checkpoint: a local Hugging Face folder or a hub id")
+    _add_pair_args(p, required=True)
     p.add_argument("--method", required=True, help="dare, drop_only, bitdelta, low_rank, magnitude_trim, extrapolate, sign_biased")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a setting of the method (repeatable), e.g. p=0.9")
     p.add_argument("--seed", type=int, default=0, help="seed of the random edits (per tensor: seed and tensor name)")
@@ -122,8 +105,7 @@ def _stats(args: argparse.Namespace) -> int:
 
 def _add_stats(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("stats", help="per-tensor statistics of the delta W_post - W_pre")
-    p.add_argument("--pre", required=True, help="pre-trained checkpoint: a local Hugging Face folder or a hub id")
-    p.add_argument("--post", required=True, help="post-trained checkpoint: a local Hugging Face folder or a hub id")
+    _add_pair_args(p, required=True)
     p.add_argument("--csv", metavar="FILE", help="also write the table as CSV")
     p.add_argument("--include", action="append", metavar="REGEX", help="only tensors whose name matches")
     p.add_argument("--exclude", action="append", metavar="REGEX", help="skip tensors whose name matches")

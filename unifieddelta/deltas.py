@@ -440,8 +440,7 @@ def apply_edit(
 def _edit_in_memory(edit: _Edit, pre, model: nn.Module, seed: int, select: dict, compute_dtype, progress) -> None:
     """Edit the module's parameters; every new tensor is computed before any parameter changes, so an error leaves
     the model untouched."""
-    with open_checkpoint(pre) as pre_ck:
-        post_ck = open_checkpoint(model)
+    with open_checkpoint(pre) as pre_ck, open_checkpoint(model) as post_ck:
         entries = plan(pre_ck, post_ck, **select)
         _check_fits(edit, post_ck, entries)
         todo = [e for e in entries if e.kind != "keep"]

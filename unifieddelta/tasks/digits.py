@@ -79,6 +79,12 @@ def _digits(n_test: int, seed: int) -> dict[str, tuple[torch.Tensor, torch.Tenso
     return {"train": (x[train], y[train]), "test": (x[test], y[test])}
 
 
+def _upscale(x: torch.Tensor, image_size: int) -> torch.Tensor:
+    if image_size == x.shape[-1]:
+        return x
+    return F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
+
+
 def task_data(task: str, *, split: str = "test", image_size: int = 16,
               seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``(pixel_values, labels)`` of a task: the split's digits, transformed, upscaled to ``image_size``."""
@@ -87,10 +93,7 @@ def task_data(task: str, *, split: str = "test", image_size: int = 16,
     if split not in ("train", "test"):
         raise InvalidParameterError(f"split must be 'train' or 'test', got {split!r}")
     x, y = _digits(N_TEST, seed)[split]
-    x = TRANSFORMS[task](x)
-    if image_size != x.shape[-1]:
-        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
-    return x, y
+    return _upscale(TRANSFORMS[task](x), image_size), y
 
 
 def pretrain_data(pre_task: str, *, split: str = "train", image_size: int = 16,
@@ -98,8 +101,5 @@ def pretrain_data(pre_task: str, *, split: str = "train", image_size: int = 16,
     """``(pixel_values, labels)`` of a backbone's pre-training task (``PRETRAIN_TASKS``), upscaled."""
     if pre_task not in PRETRAIN_TASKS:
         raise InvalidParameterError(f"unknown pre-training task {pre_task!r}; known: {', '.join(PRETRAIN_TASKS)}")
-    x, y = _digits(N_TEST, seed)[split]
-    x, y = PRETRAIN_TASKS[pre_task](x, y)
-    if image_size != x.shape[-1]:
-        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
-    return x, y
+    x, y = PRETRAIN_TASKS[pre_task](*_digits(N_TEST, seed)[split])
+    return _upscale(x, image_size), y

@@ -3,7 +3,8 @@
 Names: ``tiny-lm`` (pre-trained → SFT at the default width), ``tiny-lm/<width>`` (the same recipe at another
 width), ``tiny-lm-dpo`` (SFT → DPO) and ``tiny-vit/<task>`` (pre-trained backbone with a linear head → the
 fine-tune on that task). ``load_pair(name)`` returns the two checkpoint folders, ready for ``from_pretrained``
-or for ``unifieddelta edit --pre … --post …``.
+or for ``unifieddelta edit --pre … --post …``. Any name may carry recipe changes in brackets,
+``tiny-lm[sft_lr=5e-5]``: the same pair trained with those fields changed (cached under its own key).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import dataclasses
 from pathlib import Path
 
 from ..errors import InvalidParameterError
+from ..settings import parse_settings
 from ..tasks.digits import TASKS as VISION_TASKS
 from . import lm, vit
 from .recipes import LMRecipe, ViTRecipe
@@ -43,8 +45,41 @@ def default_names() -> list[str]:
     return names(widths=False)
 
 
+def with_overrides(recipe: LMRecipe | ViTRecipe, changes: dict) -> LMRecipe | ViTRecipe:
+    """The recipe with some fields changed, each value cast to the field's type (``"5e-5"`` or 5e-5 for a float)."""
+    fields = {f.name: f for f in dataclasses.fields(recipe)}
+    out = {}
+    for key, value in changes.items():
+        if key not in fields:
+            raise InvalidParameterError(
+                f"{type(recipe).__name__} has no field {key!r}; fields: {', '.join(fields)}")
+        kind = type(getattr(recipe, key))
+        try:
+            out[key] = kind(value) if not isinstance(value, kind) else value
+        except (TypeError, ValueError):
+            raise InvalidParameterError(f"{key}={value!r}: expected a {kind.__name__}") from None
+    return dataclasses.replace(recipe, **out)
+
+
+def split_name(name: str) -> tuple[str, dict]:
+    """``"tiny-lm[sft_lr=5e-5,sft_steps=300]"`` -> ``("tiny-lm", {"sft_lr": 5e-05, "sft_steps": 300})``: a zoo name
+    may carry recipe changes in brackets, so a variant (the delta-size axis, say) is a name like any other."""
+    base, bracket, rest = name.partition("[")
+    if not bracket:
+        return name, {}
+    if not rest.endswith("]") or not rest[:-1].strip():
+        raise InvalidParameterError(f"zoo name {name!r}: expected NAME[FIELD=VALUE,...]")
+    return base, parse_settings([s for s in rest[:-1].split(",") if s.strip()], what=f"zoo name {name!r}")
+
+
 def recipe_for(name: str) -> LMRecipe | ViTRecipe:
-    """The default recipe behind a name; raises ``InvalidParameterError`` for an unknown name."""
+    """The recipe behind a name (with its bracketed changes); raises ``InvalidParameterError`` for an unknown name."""
+    base, changes = split_name(name)
+    recipe = _default_recipe(base)
+    return with_overrides(recipe, changes) if changes else recipe
+
+
+def _default_recipe(name: str) -> LMRecipe | ViTRecipe:
     if name in ("tiny-lm", "tiny-lm-dpo"):
         return LM_WIDTHS[DEFAULT_WIDTH]
     kind, _, arg = name.partition("/")
@@ -68,6 +103,7 @@ def load_pair(name: str, *, recipe: LMRecipe | ViTRecipe | None = None, progress
     recipe = recipe or default
     if type(recipe) is not type(default):
         raise InvalidParameterError(f"{name!r} needs a {type(default).__name__}, got {type(recipe).__name__}")
+    name = split_name(name)[0]
     if isinstance(recipe, ViTRecipe):
         return vit.build(recipe, name.partition("/")[2], progress=progress)
     if name == "tiny-lm-dpo":
@@ -78,6 +114,7 @@ def load_pair(name: str, *, recipe: LMRecipe | ViTRecipe | None = None, progress
 def describe(name: str, *, recipe: LMRecipe | ViTRecipe | None = None) -> dict:
     """What the cache holds for a name, without building: ``{name, built, pre, post, metrics}``."""
     recipe = recipe or recipe_for(name)
+    name = split_name(name)[0]
     if isinstance(recipe, ViTRecipe):
         from .store import entry_path
 
@@ -95,4 +132,5 @@ def describe(name: str, *, recipe: LMRecipe | ViTRecipe | None = None) -> dict:
 
 
 __all__ = ["LMRecipe", "ViTRecipe", "load_pair", "names", "default_names", "recipe_for", "describe",
+           "with_overrides", "split_name",
            "LM_WIDTHS", "DEFAULT_WIDTH"]

@@ -40,19 +40,30 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL)
 
 
-def new_model(recipe: LMRecipe, tokenizer):
-    """A freshly initialised ``LlamaForCausalLM`` of the recipe's width (seeded)."""
+def llama(*, width: int, layers: int, heads: int, vocab_size: int, kv_heads: int | None = None,
+          intermediate: int | None = None, max_positions: int = 128, tie: bool = False, init_std: float = 0.02,
+          seed: int = 0, attn: str | None = None, **token_ids):
+    """A freshly initialised ``LlamaForCausalLM`` (seeded): the one builder of small Llamas, for the zoo, the tests
+    and the benchmarks. ``intermediate`` defaults to Llama's ≈ 8/3·width rounded up to a multiple of 8;
+    ``token_ids``: ``pad_token_id``, ``eos_token_id``, ``bos_token_id``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(recipe.seed)
+    torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=recipe.width, num_hidden_layers=recipe.layers,
-        num_attention_heads=recipe.heads, num_key_value_heads=recipe.heads,
-        intermediate_size=int(8 * recipe.width / 3 + 7) // 8 * 8, max_position_embeddings=2 * recipe.seq_len,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=False, initializer_range=recipe.init_std,
-    )
+        vocab_size=vocab_size, hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=kv_heads or heads, intermediate_size=intermediate or int(8 * width / 3 + 7) // 8 * 8,
+        max_position_embeddings=max_positions, tie_word_embeddings=tie, initializer_range=init_std,
+        **({"attn_implementation": attn} if attn else {}), **token_ids,
+    )  # fmt: skip
     return LlamaForCausalLM(config)
+
+
+def new_model(recipe: LMRecipe, tokenizer):
+    """A freshly initialised ``LlamaForCausalLM`` of the recipe's width (seeded)."""
+    return llama(width=recipe.width, layers=recipe.layers, heads=recipe.heads, vocab_size=len(tokenizer),
+                 max_positions=2 * recipe.seq_len, init_std=recipe.init_std, seed=recipe.seed,
+                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                 bos_token_id=tokenizer.bos_token_id)
 
 
 def _pretrain(recipe: LMRecipe, out: Path, progress: bool) -> dict:
