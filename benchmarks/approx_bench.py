@@ -16,13 +16,12 @@ use), with 8 held-out questions per task and their answers as data.
 from __future__ import annotations
 
 import argparse
-import os
-import threading
 import time
 
 import torch
 
 from unifieddelta import approx, deltas, losses
+from unifieddelta.profiling import measure
 
 EDITS = [("dare", {"p": 0.5}), ("bitdelta", {}), ("low_rank", {"rank": 0.1}), ("magnitude_trim", {"keep": 0.1}), ("extrapolate", {"alpha": 0.5})]
 
@@ -41,57 +40,6 @@ def zoo_pair(name: str = "tiny-lm", per_task: int = 8):
     pairs = [(tok(q)["input_ids"], tok(a)["input_ids"] + [tok.eos_token_id]) for q, a in texts]  # as the zoo's SFT
     pre, post = AutoModelForCausalLM.from_pretrained(pre_dir), AutoModelForCausalLM.from_pretrained(post_dir)
     return pre.eval(), post.eval(), pairs
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _malloc_returns_memory() -> None:
-    """Make glibc hand freed tensor memory back at once (mmap for blocks >= 16 KiB), so RSS follows live tensors."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 16384)  # M_MMAP_THRESHOLD
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def measure(fn, device: str, memory: bool = True):
-    """(result, seconds, peak bytes above the level before the call, or 0 if not asked)."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        t0 = time.perf_counter()
-        out = fn()
-        torch.cuda.synchronize()
-        return out, time.perf_counter() - t0, torch.cuda.max_memory_allocated() - base
-    if not memory:
-        t0 = time.perf_counter()
-        out = fn()
-        return out, time.perf_counter() - t0, 0
-    _malloc_returns_memory()
-    base, peak, done = _rss(), [0], threading.Event()
-
-    def poll():
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss())
-            time.sleep(0.001)
-
-    watcher = threading.Thread(target=poll, daemon=True)
-    watcher.start()
-    t0 = time.perf_counter()
-    try:
-        out = fn()
-    finally:
-        seconds = time.perf_counter() - t0
-        done.set()
-        watcher.join()
-    return out, seconds, max(peak[0], _rss()) - base
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from unifieddelta.errors import InvalidParameterError
+from unifieddelta.errors import DataUnavailableError, InvalidParameterError
 from unifieddelta.tasks import check_tasks, generate, materialize, task_names
 
 N_TEST = 100
@@ -60,8 +60,9 @@ def test_materialized_yaml_points_at_absolute_data():
 
 
 def test_unknown_task_is_a_clear_error():
-    with pytest.raises(InvalidParameterError, match="unknown task 'gsm8k'"):
-        check_tasks(["ud_add", "gsm8k"])
+    with pytest.raises(InvalidParameterError, match="unknown task 'gsm8kk'"):
+        check_tasks(["ud_add", "gsm8kk"])
+    assert check_tasks(["ud_add", "gsm8k"]) == ["ud_add", "gsm8k"]  # lm-eval's own tasks are accepted by name
     assert check_tasks(None) == task_names()
     assert check_tasks("ud_add") == ["ud_add"]
 
@@ -83,7 +84,7 @@ def test_tasks_run_offline_through_lm_eval_on_an_in_memory_model():
     model.train()
     df = evaluate_lm(model, tok, limit=4)
     assert model.training  # the caller's mode is restored
-    assert list(df.columns) == ["task", "metric", "value", "stderr"]
+    assert list(df.columns) == ["task", "metric", "filter", "value", "stderr"]
     assert set(df["task"]) == set(task_names())
     assert set(df["metric"]) == {"exact_match", "acc"}
     assert df["value"].between(0, 1).all()
@@ -96,5 +97,34 @@ def test_tasks_run_offline_through_lm_eval_on_an_in_memory_model():
     docs = [json.loads(line) for line in open(materialize() / "ud_parity.jsonl")][:8]
     assert df2["value"].iloc[0] == pytest.approx(sum(d["label"] == 0 for d in docs) / 8)
 
-    with pytest.raises(InvalidParameterError, match="unknown task"):
-        evaluate_lm(model, tok, tasks=["hellaswag"])
+    with pytest.raises(InvalidParameterError, match="unknown task 'no_such_task'"):
+        evaluate_lm(model, tok, tasks=["ud_add", "no_such_task"])
+    # a built-in task is accepted by name; offline its data is missing: one clear error
+    with pytest.raises(DataUnavailableError, match="arc_easy.*internet access"):
+        evaluate_lm(model, tok, tasks=["arc_easy"], limit=2)
+    assert model.training
+
+
+def test_fewshot_counts_group_the_tasks():
+    from unifieddelta.evaluate import fewshot_groups
+
+    assert fewshot_groups(["ud_add", "gsm8k", "mmlu"], None) == {0: ["ud_add"], None: ["gsm8k", "mmlu"]}
+    assert fewshot_groups(["ud_add", "gsm8k", "mmlu", "arc_challenge"], {"gsm8k": 5, "mmlu": 5, "arc_challenge": 25}) == \
+        {0: ["ud_add"], 5: ["gsm8k", "mmlu"], 25: ["arc_challenge"]}
+    assert fewshot_groups(["ud_add", "gsm8k"], 3) == {3: ["ud_add", "gsm8k"]}
+
+
+def test_primary_score_per_task():
+    import pandas as pd
+
+    from unifieddelta.evaluate import primary
+
+    scores = pd.DataFrame([
+        dict(task="gsm8k", metric="exact_match", filter="flexible-extract", value=0.4, stderr=0.1),
+        dict(task="gsm8k", metric="exact_match", filter="strict-match", value=0.3, stderr=0.1),
+        dict(task="ud_add", metric="exact_match", filter="number", value=0.9, stderr=0.1),
+        dict(task="arc_challenge", metric="acc", filter="none", value=0.5, stderr=0.1),
+        dict(task="arc_challenge", metric="acc_norm", filter="none", value=0.6, stderr=0.1),
+    ])  # fmt: skip
+    got = primary(scores).set_index("task")["value"].to_dict()
+    assert got == {"gsm8k": 0.3, "ud_add": 0.9, "arc_challenge": 0.6}

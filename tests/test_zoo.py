@@ -11,9 +11,7 @@ from unifieddelta.cli import main
 from unifieddelta.errors import InvalidParameterError
 from unifieddelta.zoo import LMRecipe, ViTRecipe, load_pair
 
-TINY_LM = LMRecipe(width=32, layers=2, heads=2, seq_len=64, pre_docs=300, pre_steps=20, pre_batch=8,
-                   sft_examples=120, sft_steps=10, sft_batch=8, dpo_pairs=32, dpo_steps=4, dpo_batch=8)
-TINY_VIT = ViTRecipe(width=16, layers=1, heads=2, pre_steps=10, pre_batch=32, ft_steps=5, ft_batch=32)
+TINY_LM, TINY_VIT = zoo.SMOKE_LM, zoo.SMOKE_VIT  # the recipes the notebooks' smoke runs use too
 
 
 def _weights(folder):

@@ -39,6 +39,7 @@ from .errors import InvalidParameterError, MismatchError, NonFiniteError, Output
 
 __all__ = [
     "PRESETS",
+    "tensor_kind",
     "plan",
     "tensor_generator",
     "iter_deltas",
@@ -51,6 +52,20 @@ __all__ = [
 
 _EMBEDDING = re.compile(r"(embed|wte|wpe|word_embeddings|lm_head|shared\.weight)")
 _NORM_OR_HEAD = re.compile(r"(norm|ln_|layernorm|lm_head|classifier|score\.|head\.)", re.IGNORECASE)
+
+_KINDS = [  # (kind, pattern), the first match wins: Llama, GPT-2, BERT and ViT names
+    ("norm", re.compile(r"(norm|ln_|layernorm)", re.IGNORECASE)),
+    ("embedding", re.compile(r"(embed|wte|wpe|word_embeddings|position|cls_token|patch)")),
+    ("head", re.compile(r"(lm_head|classifier|score\.|pooler)")),
+    ("attention", re.compile(r"(attn|attention)")),
+    ("MLP", re.compile(r"(mlp|intermediate|output\.dense|ffn|fc|c_proj)")),
+]
+
+
+def tensor_kind(name: str) -> str:
+    """What a tensor is, from its name: attention, MLP, norm, embedding, head, or other."""
+    return next((kind for kind, pattern in _KINDS if pattern.search(name)), "other")
+
 
 #: Presets: which floating-point tensors (name, shape) an edit touches, after ``include``/``exclude``.
 PRESETS: dict[str, Callable[[str, tuple[int, ...]], bool]] = {

@@ -31,3 +31,7 @@ class ProfileError(UnifiedDeltaError):
 
 class NotebookError(UnifiedDeltaError):
     """A notebook cell raised while the book pipeline executed it."""
+
+
+class DataUnavailableError(UnifiedDeltaError):
+    """Data a task or a loss needs cannot be loaded (a built-in lm-eval task offline, a dataset not cached)."""

@@ -5,54 +5,141 @@ Both take model *objects*, so an edited model is evaluated as it is, without bei
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 
 import pandas as pd
 import torch
 
-from .errors import InvalidParameterError
-from .tasks import check_tasks, task_manager
+from .errors import DataUnavailableError, InvalidParameterError
+from .tasks import check_tasks, is_project_task, task_manager
 from .tasks.digits import task_data
 
 
-def evaluate_lm(model, tokenizer, tasks: str | list[str] | None = None, limit: int | None = None,
-                *, batch_size: int = 32, seed: int = 0) -> pd.DataFrame:
-    """Run lm-eval on the model and tokenizer objects; one row per task and metric.
+def evaluate_lm(model, tokenizer, tasks: str | list[str] | None = None, limit: int | None = None, *,
+                num_fewshot: int | dict[str, int] | None = None, batch_size: int = 32, seed: int = 0) -> pd.DataFrame:
+    """Run lm-eval on the model and tokenizer objects; one row per task, metric and filter.
 
-    ``tasks=None`` means all the project's tasks; ``limit`` caps the documents per task. Columns: ``task``,
-    ``metric``, ``value``, ``stderr`` (NaN where lm-eval gives none). lm-eval reseeds the global RNGs; the
-    model's train/eval mode is restored afterwards.
+    ``tasks``: the project's tasks (None: all of them) and/or lm-eval's built-in ones (``gsm8k``, ...).
+    ``num_fewshot``: one count for all, or a count per task; by default the project's tasks are zero-shot and a
+    built-in one uses its own default. ``limit`` caps the documents per task. Columns: ``task``, ``metric``,
+    ``filter``, ``value``, ``stderr`` (NaN where lm-eval gives none). A built-in task whose data cannot be loaded
+    (offline, say) raises one ``DataUnavailableError``. lm-eval reseeds the global RNGs; the model's train/eval
+    mode is restored afterwards.
     """
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
-
     names = check_tasks(tasks)
     if limit is not None and limit < 1:
         raise InvalidParameterError(f"limit must be a positive number of documents, got {limit}")
+    groups = fewshot_groups(names, num_fewshot)
     was_training = model.training
     # lm-eval warns about being handed a model object and about missing few-shot splits: not news here.
     quiet = logging.getLogger("lm_eval")
     level = quiet.level
     quiet.setLevel(logging.ERROR)
+    import datasets
+
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # one "Generating train split" bar per task and call otherwise
+    results = {}
     try:
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
-        out = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=task_manager(), limit=limit,
-                                      num_fewshot=0, log_samples=False, random_seed=seed, numpy_random_seed=seed,
-                                      torch_random_seed=seed, fewshot_random_seed=seed, bootstrap_iters=1000)
+        lm = _quiet_hflm()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
+        manager = task_manager(names)
+        with _no_request_bars():
+            for shots, group in groups.items():  # lm-eval takes one few-shot count per call
+                results.update(_run_group(lm, group, shots, manager, limit, seed))
     finally:
         quiet.setLevel(level)
+        if bars:
+            datasets.enable_progress_bars()
         model.train(was_training)
     rows = []
     for task in names:
-        res = out["results"][task]
+        res = results[task]
         for key, value in res.items():
-            if "," not in key or "_stderr," in key:  # "alias", "name" and the stderr entries
-                continue
+            if "," not in key or "_stderr," in key or not isinstance(value, (int, float)):
+                continue  # "alias", "name" and the stderr entries
             metric, _, filt = key.partition(",")
             stderr = res.get(f"{metric}_stderr,{filt}")
             stderr = float(stderr) if isinstance(stderr, (int, float)) else float("nan")
-            rows.append(dict(task=task, metric=metric, value=float(value), stderr=stderr))
-    return pd.DataFrame(rows, columns=["task", "metric", "value", "stderr"])
+            rows.append(dict(task=task, metric=metric, filter=filt, value=float(value), stderr=stderr))
+    return pd.DataFrame(rows, columns=["task", "metric", "filter", "value", "stderr"])
+
+
+@contextlib.contextmanager
+def _no_request_bars():
+    """lm-eval draws a progress bar per task while it builds the requests (no option turns it off)."""
+    import lm_eval.api.task as task_module
+
+    bar = task_module.tqdm
+    task_module.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        task_module.tqdm = bar
+
+
+def _quiet_hflm():
+    """lm-eval's HFLM without its per-request progress bars (a sweep has its own bar over trials)."""
+    from lm_eval.models.huggingface import HFLM
+
+    class QuietHFLM(HFLM):
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            return super().generate_until(requests, disable_tqdm=True)
+
+    return QuietHFLM
+
+
+def fewshot_groups(names: list[str], num_fewshot: int | dict[str, int] | None) -> dict[int | None, list[str]]:
+    """Tasks grouped by their few-shot count (None: the task's own default; the project's tasks default to 0)."""
+    groups: dict[int | None, list[str]] = {}
+    for name in names:
+        shots = num_fewshot.get(name) if isinstance(num_fewshot, dict) else num_fewshot
+        groups.setdefault(0 if shots is None and is_project_task(name) else shots, []).append(name)
+    return groups
+
+
+def _run_group(lm, names: list[str], shots: int | None, manager, limit, seed: int) -> dict:
+    import lm_eval
+
+    try:
+        out = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit, num_fewshot=shots,
+                                      log_samples=False, random_seed=seed, numpy_random_seed=seed,
+                                      torch_random_seed=seed, fewshot_random_seed=seed, bootstrap_iters=1000)
+    except (ConnectionError, OSError) as e:  # datasets/huggingface_hub: no network, or not in the local cache
+        raise DataUnavailableError(
+            f"the data of task(s) {', '.join(names)} could not be loaded ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); lm-eval's built-in tasks download their data from the "
+            "hub on first use: run once with internet access (without HF_DATASETS_OFFLINE) to cache it") from None
+    return out["results"]
+
+
+#: The score a chapter reports for a task: (metric, filter) preferred in this order, the first one present.
+PRIMARY = {"arc_challenge": ("acc_norm", "none"), "hellaswag": ("acc_norm", "none"),
+           "gsm8k": ("exact_match", "strict-match"), "ifeval": ("prompt_level_strict_acc", "none"),
+           "truthfulqa_mc2": ("acc", "none"), "humaneval": ("pass@1", "create_test")}
+_FALLBACK = ("exact_match", "acc", "pass@1", "prompt_level_strict_acc")
+
+
+def primary(scores: pd.DataFrame) -> pd.DataFrame:
+    """One row per task: its headline score (``PRIMARY``, else the first of exact_match, acc, pass@1 present)."""
+    keep = []
+    for task, rows in scores.groupby("task", sort=False):
+        want = PRIMARY.get(task)
+        hit = rows[(rows.metric == want[0]) & (rows["filter"] == want[1])] if want else rows.iloc[:0]
+        if hit.empty:
+            for metric in _FALLBACK:
+                hit = rows[rows.metric == metric]
+                if not hit.empty:
+                    break
+        keep.append(hit.iloc[:1] if not hit.empty else rows.iloc[:1])
+    return pd.concat(keep, ignore_index=True) if keep else scores.iloc[:0]
 
 
 def evaluate_vision(model, task: str, *, split: str = "test", batch_size: int = 256) -> float:

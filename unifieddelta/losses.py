@@ -177,3 +177,15 @@ def dpo_loss(
         return -F.logsigmoid(beta * (margin[:n] - margin[n:])).sum()
 
     return BatchLoss(batches, batch_sum, len(triples), "dpo_loss")
+
+
+@torch.no_grad()
+def preference_margins(model: nn.Module, loss: BatchLoss) -> torch.Tensor:
+    """log π(chosen) − log π(rejected) under ``model`` for every triple of a :func:`dpo_loss`, in order: the
+    preference accuracy is the share above zero."""
+    out = []
+    for batch in loss.batches:  # one batch: the chosen rows, then the rejected rows
+        logp = token_logprobs(model, batch)[0].sum(-1)
+        n = len(logp) // 2
+        out.append((logp[:n] - logp[n:]).double().cpu())
+    return torch.cat(out)

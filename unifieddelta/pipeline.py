@@ -8,13 +8,14 @@ replaces ``_build/html`` when the whole build succeeded.
 
 from __future__ import annotations
 
+import ast
 import functools
 import os
 import re
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -33,7 +34,8 @@ class NotebookRun:
     name: str
     source: Path
     output: Path
-    parameters: dict
+    parameters: dict  # what papermill injects
+    resolved: dict = field(default_factory=dict)  # every parameter as the notebook will see it
 
 
 def shipped_profiles() -> list[str]:
@@ -69,7 +71,10 @@ def find_root(start: str | os.PathLike | None = None) -> Path:
 
 
 def plan(profile: dict, root: Path) -> list[NotebookRun]:
-    """Resolve each notebook of the profile and check its parameters against the ones it declares."""
+    """Resolve each notebook of the profile and its parameters: the notebook's own defaults (its parameters cell),
+    then the profile's ``defaults`` it declares, then the entry's ``parameters``. An entry with ``reads: [names]``
+    (or ``reads: all``) also gets ``chapters``: each named notebook's resolved parameters (the classification page
+    reads the other chapters' trials), so its cache key changes when theirs do."""
     import papermill
 
     runs = []
@@ -87,8 +92,26 @@ def plan(profile: dict, root: Path) -> list[NotebookRun]:
                 f" (it declares: {', '.join(declared) or 'none'})"
             )
         params = {k: v for k, v in profile["defaults"].items() if k in declared} | given
-        runs.append(NotebookRun(name, source, root / GENERATED / f"{name}.ipynb", params))
+        if entry.get("reads"):
+            if "chapters" not in declared:
+                raise ProfileError(f"profile {profile['name']}: notebook {name!r} has 'reads' but no 'chapters' parameter")
+            read = [r.name for r in runs] if entry["reads"] == "all" else list(entry["reads"])
+            missing = sorted(set(read) - {r.name for r in runs})
+            if missing:
+                raise ProfileError(f"profile {profile['name']}: {name!r} reads {', '.join(missing)}, not listed before it")
+            params["chapters"] = {r.name: r.resolved for r in runs if r.name in read}
+        defaults = {k: _literal(v["default"], name, k) for k, v in declared.items()}
+        runs.append(NotebookRun(name, source, root / GENERATED / f"{name}.ipynb", params, defaults | params))
     return runs
+
+
+def _literal(text: str, notebook: str, name: str):
+    """A parameters cell's default value (a Python literal: the dry run reads it without running the notebook)."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        raise ProfileError(f"notebook {notebook!r}: parameter {name} = {text} is not a literal; parameters cells "
+                           "hold literals only (numbers, strings, lists, dicts, None)") from None
 
 
 @functools.lru_cache(maxsize=1)
@@ -119,6 +142,7 @@ def execute(run: NotebookRun, *, force: bool = False, cwd: Path | None = None) -
                 str(run.source), str(tmp), parameters=run.parameters, cwd=str(cwd or run.source.parent),
                 progress_bar=True, kernel_name="python3",
             )
+            _hide_injected(tmp)
             os.replace(tmp, cached)  # only a notebook that ran to the end enters the cache
         except papermill.PapermillExecutionError as e:
             raise NotebookError(
@@ -132,6 +156,18 @@ def execute(run: NotebookRun, *, force: bool = False, cwd: Path | None = None) -
     if not run.output.is_file() or run.output.read_bytes() != data:  # unchanged: Sphinx need not re-read it
         atomic_write_bytes(run.output, data)
     return executed
+
+
+def _hide_injected(path: Path) -> None:
+    """Papermill's injected-parameters cell is hidden in the page, like the notebook's own parameters cell."""
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:
+        tags = cell.setdefault("metadata", {}).setdefault("tags", [])
+        if "injected-parameters" in tags and "remove-cell" not in tags:
+            tags.append("remove-cell")
+    nbformat.write(nb, path)
 
 
 def build_html(root: Path) -> Path:
@@ -167,3 +203,44 @@ def build_book(profile: str = "tiny", only: list[str] | None = None, root: str |
             continue
         execute(run, force=force, cwd=book_root)
     return build_html(book_root)
+
+
+def _pair_status(pair) -> str:
+    """Whether a pair is ready, would be trained here, or fetched from the hub."""
+    if pair.zoo:
+        from . import zoo
+
+        return "built" if zoo.describe(pair.zoo, recipe=pair.recipe)["built"] else "to build here (zoo)"
+    sides = [s for s in (pair.pre, pair.post) if not Path(s).expanduser().is_dir()]
+    return "local folders" if not sides else f"to fetch from the hub: {', '.join(sides)}"
+
+
+def dry_run(profile: str = "tiny", root: str | os.PathLike | None = None, store=None) -> str:
+    """What ``build_book`` would do, without executing anything: each notebook with its parameters, the pairs it
+    would build or fetch, and how many of its trials the store holds and how many it would compute."""
+    from . import chapters, experiments
+
+    prof = load_profile(profile)
+    book_root = Path(root).resolve() if root else find_root()
+    st = experiments.Store(store)
+    lines = [f"profile {prof['name']}: {len(prof['notebooks'])} notebook(s); store {st.folder}"]
+    every, pending_pairs = [], {}
+    for run in plan(prof, book_root):
+        shown = {k: v for k, v in run.resolved.items() if k != "chapters"}
+        lines.append(f"\n{run.name}  ({run.source.relative_to(book_root)})")
+        lines.append("  parameters: " + ", ".join(f"{k}={v!r}" for k, v in shown.items()))
+        if "chapters" in run.resolved:
+            lines.append(f"  reads the trials of: {', '.join(run.resolved['chapters'])}")
+        chapter = chapters.plan(run.name, **run.resolved)
+        for pair in chapter.pairs:
+            status = _pair_status(pair)
+            lines.append(f"  pair {pair.name}: {status}")
+            if status != "built" and status != "local folders":
+                pending_pairs[pair.name] = status
+        stored, n = chapter.stored(st)
+        every += chapter.trials
+        lines.append(f"  trials: {n} ({stored} in the store, {n - stored} to compute)")
+    done, total = experiments.stored(every, st)
+    lines.append(f"\ntotal: {total} distinct trial(s), {done} in the store, {total - done} to compute"
+                 + (f"; pairs to build or fetch: {', '.join(pending_pairs)}" if pending_pairs else ""))
+    return "\n".join(lines)

@@ -8,6 +8,7 @@ into one cache folder (keyed by the data version, the split and the YAML text), 
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -26,17 +27,35 @@ def task_names() -> list[str]:
 
 
 def check_tasks(tasks: str | list[str] | None) -> list[str]:
-    """Validate task names (None means all); raise ``InvalidParameterError`` naming an unknown one."""
+    """Validate task names (None means all the project's tasks): the project's own, or lm-eval's built-in ones
+    (``gsm8k``, ``arc_challenge``, ...); raise ``InvalidParameterError`` naming an unknown one."""
     known = task_names()
     if tasks is None:
         return known
     tasks = [tasks] if isinstance(tasks, str) else list(tasks)
-    for t in tasks:
-        if t not in known:
-            raise InvalidParameterError(f"unknown task {t!r}; the project's tasks are: {', '.join(known)}")
     if not tasks:
         raise InvalidParameterError("no task given")
+    others = [t for t in tasks if t not in known]
+    if others:
+        builtin = builtin_tasks()
+        for t in others:
+            if t not in builtin:
+                raise InvalidParameterError(f"unknown task {t!r}; the project's tasks are: {', '.join(known)}; "
+                                            f"lm-eval's {len(builtin)} built-in tasks are accepted too")
     return tasks
+
+
+@functools.lru_cache(maxsize=1)
+def builtin_tasks() -> frozenset[str]:
+    """The names of lm-eval's built-in tasks and groups (defined in the installed package even offline; their
+    data is fetched from the hub when they run). Indexing them takes a few seconds, so only when asked."""
+    from lm_eval.tasks import TaskManager
+
+    return frozenset(TaskManager().all_tasks)
+
+
+def is_project_task(name: str) -> bool:
+    return name in task_names()
 
 
 def materialize(*, n_test: int = 100, seed: int = 0) -> Path:
@@ -61,8 +80,10 @@ def materialize(*, n_test: int = 100, seed: int = 0) -> Path:
     return target
 
 
-def task_manager(*, n_test: int = 100, seed: int = 0):
-    """An lm-eval ``TaskManager`` that knows the project's tasks and nothing else."""
+def task_manager(names: list[str] | None = None, *, n_test: int = 100, seed: int = 0):
+    """An lm-eval ``TaskManager`` that knows the project's tasks, and lm-eval's built-in ones only if ``names``
+    has one (``include_defaults=False`` otherwise skips indexing thousands of YAMLs)."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=str(materialize(n_test=n_test, seed=seed)), include_defaults=False)
+    builtin = any(not is_project_task(n) for n in names or [])
+    return TaskManager(include_path=str(materialize(n_test=n_test, seed=seed)), include_defaults=builtin)

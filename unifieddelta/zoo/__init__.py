@@ -31,6 +31,12 @@ LM_WIDTHS: dict[int, LMRecipe] = {
 DEFAULT_WIDTH = 64
 VIT = ViTRecipe()
 
+#: The smoke recipes: the same pipeline in seconds (the test suite, and every notebook with ``smoke=True``). Their
+#: models learn little; they exist to run every code path, not to show the paper's phenomena.
+SMOKE_LM = LMRecipe(width=32, layers=2, heads=2, seq_len=64, pre_docs=300, pre_steps=20, pre_batch=8,
+                    sft_examples=120, sft_steps=10, sft_batch=8, dpo_pairs=32, dpo_steps=4, dpo_batch=8)
+SMOKE_VIT = ViTRecipe(width=16, layers=1, heads=2, pre_steps=10, pre_batch=32, ft_steps=5, ft_batch=32)
+
 
 def names(*, widths: bool = True) -> list[str]:
     """Every name ``load_pair`` knows; the default pairs first."""
@@ -72,10 +78,20 @@ def split_name(name: str) -> tuple[str, dict]:
     return base, parse_settings([s for s in rest[:-1].split(",") if s.strip()], what=f"zoo name {name!r}")
 
 
-def recipe_for(name: str) -> LMRecipe | ViTRecipe:
-    """The recipe behind a name (with its bracketed changes); raises ``InvalidParameterError`` for an unknown name."""
+def recipe_for(name: str, *, smoke: bool = False) -> LMRecipe | ViTRecipe:
+    """The recipe behind a name (with its bracketed changes); raises ``InvalidParameterError`` for an unknown name.
+
+    ``smoke``: the smoke recipe instead (``tiny-lm/<width>`` 16 wider per doubling of the width), the changes
+    applied to it.
+    """
     base, changes = split_name(name)
     recipe = _default_recipe(base)
+    if smoke:
+        smoke_recipe = SMOKE_VIT if isinstance(recipe, ViTRecipe) else SMOKE_LM
+        if isinstance(recipe, LMRecipe) and recipe.width != DEFAULT_WIDTH:
+            doublings = (recipe.width // DEFAULT_WIDTH).bit_length() - 1
+            smoke_recipe = dataclasses.replace(smoke_recipe, width=SMOKE_LM.width + 16 * doublings)
+        recipe = smoke_recipe
     return with_overrides(recipe, changes) if changes else recipe
 
 
@@ -132,5 +148,5 @@ def describe(name: str, *, recipe: LMRecipe | ViTRecipe | None = None) -> dict:
 
 
 __all__ = ["LMRecipe", "ViTRecipe", "load_pair", "names", "default_names", "recipe_for", "describe",
-           "with_overrides", "split_name",
+           "with_overrides", "split_name", "SMOKE_LM", "SMOKE_VIT",
            "LM_WIDTHS", "DEFAULT_WIDTH"]

@@ -159,7 +159,7 @@ def _heldout_preference(recipe: LMRecipe, parent: Path, model, tokenizer) -> dic
     """
     from transformers import LlamaForCausalLM
 
-    from ..losses import dpo_loss
+    from ..losses import dpo_loss, preference_margins
 
     pairs = generate.preference_pairs(240, seed=recipe.seed, n_test=recipe.n_test, split_name="test")
     triples = [(p["prompt"], p["chosen"], p["rejected"]) for p in pairs]
@@ -167,19 +167,9 @@ def _heldout_preference(recipe: LMRecipe, parent: Path, model, tokenizer) -> dic
     model.eval()
     loss = dpo_loss(reference, triples, tokenizer, beta=recipe.dpo_beta, batch_size=48)
     # Preference accuracy: the chosen answer more likely than the rejected one under the model.
-    margin = torch.cat([_margins(model, b) for b in loss.batches])
-    ref_margin = torch.cat([_margins(reference, b) for b in loss.batches])
+    margin, ref_margin = preference_margins(model, loss), preference_margins(reference, loss)
     return {"heldout_dpo_loss": float(loss(model)), "heldout_pref_acc": float((margin > 0).float().mean()),
             "heldout_pref_acc_sft": float((ref_margin > 0).float().mean())}
-
-
-def _margins(model, batch) -> torch.Tensor:
-    """log π(chosen) − log π(rejected) per pair of a ``dpo_loss`` batch (chosen rows first)."""
-    from ..losses import token_logprobs
-
-    logp = token_logprobs(model, batch)[0].sum(-1)
-    n = len(logp) // 2
-    return logp[:n] - logp[n:]
 
 
 def build(recipe: LMRecipe, stage: str, *, progress: bool = False) -> Path:

@@ -1,0 +1,203 @@
+"""The book's figures, in one house style: seaborn's colorblind palette, labelled axes with units, legends outside
+the data, the pre-trained and post-trained models as reference lines. Each function takes a tidy table (as
+``experiments.table`` returns it) and returns the matplotlib figure; the notebooks give it a caption.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # figures are saved into notebooks, never shown on a screen
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+PALETTE = sns.color_palette("colorblind")
+#: How each quantity of the tables is named on an axis (all losses are in nats per answer token, per triple or
+#: per image, as the pair's loss is).
+LABELS = {
+    "term": "approximation term (nats)",
+    "loss_change": r"exact $\Delta L$ (nats)",
+    "second_order": r"$\frac{1}{2} D^\top H D$ (nats)",
+    "first_order": r"$\langle \nabla L(W_{post}), D \rangle$ (nats)",
+    "score": "score (share correct)",
+    "d_norm": r"$\|D\|_F$",
+}
+REFERENCE_STYLE = {"pre": dict(color="0.45", ls="--", lw=1.2), "post": dict(color="black", ls="-", lw=1.2)}
+
+
+def style() -> None:
+    """The house style for every figure of the book (called on import)."""
+    sns.set_theme(style="whitegrid", context="notebook", palette=PALETTE, rc={
+        "figure.dpi": 110, "savefig.dpi": 110, "axes.titlesize": 11, "axes.labelsize": 10, "legend.fontsize": 9,
+        "legend.title_fontsize": 9, "xtick.labelsize": 9, "ytick.labelsize": 9, "figure.autolayout": False,
+    })  # fmt: skip
+
+
+style()
+
+
+def _grid(n: int, cols: int, width: float = 3.6, height: float = 2.9, sharex: bool = True):
+    cols = max(1, min(cols, n))
+    rows = int(np.ceil(n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), sharex=sharex, squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat[:n])
+
+
+def _legend(fig, axes) -> None:
+    """One legend for the figure, below the panels (labels gathered from every panel, each once)."""
+    handles, labels = {}, []
+    for ax in axes:
+        pairs = list(zip(*ax.get_legend_handles_labels()))
+        legend = ax.get_legend()
+        if legend is not None:  # seaborn's own legends hold proxy artists
+            pairs += list(zip(legend.legend_handles, [t.get_text() for t in legend.get_texts()]))
+            legend.remove()
+        for h, label in pairs:
+            if label not in handles and not label.startswith("_"):
+                handles[label] = h
+                labels.append(label)
+    if handles:
+        fig.legend([handles[k] for k in labels], labels, loc="lower center", ncol=min(len(labels), 5),
+                   frameon=False, bbox_to_anchor=(0.5, 0.0))  # fmt: skip
+        fig.tight_layout(rect=(0, 0.06 + 0.03 * (len(labels) > 5), 1, 1))
+    else:
+        fig.tight_layout()
+
+
+def lines(frame: pd.DataFrame, x: str, panels: str, *, hue: str | None = None, y: str = "value",
+          refs: dict[str, pd.Series] | None = None, xlabel: str | None = None, ylabel: str | None = None,
+          logx: bool = False, yscale: str | None = None, cols: int = 3, titles: dict | None = None,
+          order: Sequence | None = None, hue_order: Sequence | None = None, sharey: bool = False,
+          zero: bool = False):  # fmt: skip
+    """One panel per value of ``panels`` (a task, a quantity), ``y`` against ``x``, one line per ``hue`` value:
+    the mean over seeds with a band of ± one standard deviation. ``refs``: name ("pre", "post") -> a value per
+    panel, drawn as horizontal reference lines; ``zero``: a line at y = 0; ``yscale``: "log", "symlog"."""
+    keys = list(order) if order is not None else list(dict.fromkeys(frame[panels]))
+    fig, axes = _grid(len(keys), cols)
+    hues = list(hue_order) if hue_order is not None else (list(dict.fromkeys(frame[hue])) if hue else [None])
+    for ax, key in zip(axes, keys):
+        part = frame[frame[panels] == key]
+        for i, h in enumerate(hues):
+            rows = part if h is None else part[part[hue] == h]
+            if rows.empty:
+                continue
+            stats = rows.groupby(x)[y].agg(["mean", "std", "count"]).reset_index().sort_values(x)
+            color = PALETTE[i % len(PALETTE)]
+            ax.plot(stats[x], stats["mean"], marker="o", ms=3.5, lw=1.6, color=color, label=None if h is None else str(h))
+            if (stats["count"] > 1).any():
+                sd = stats["std"].fillna(0.0)
+                ax.fill_between(stats[x], stats["mean"] - sd, stats["mean"] + sd, color=color, alpha=0.18, lw=0)
+        for name, values in (refs or {}).items():
+            if key in values.index and np.isfinite(values[key]):
+                ax.axhline(values[key], label=f"{name}-trained model", zorder=0, **REFERENCE_STYLE.get(name, {}))
+        ax.set_title((titles or {}).get(key, str(key)))
+        if zero:
+            ax.axhline(0.0, color="0.3", lw=0.8, zorder=0)
+        if logx:
+            ax.set_xscale("log")
+        if yscale == "symlog":
+            span = float(np.nanmax(np.abs(part[y]))) if len(part) else 1.0
+            ax.set_yscale("symlog", linthresh=max(span * 1e-3, 1e-12))
+        elif yscale:
+            ax.set_yscale(yscale)
+        ax.set_ylabel(ylabel or LABELS.get(str(key), y))
+    for ax in axes[-min(cols, len(axes)):]:
+        ax.set_xlabel(xlabel or x)
+    if sharey:
+        lo = min(ax.get_ylim()[0] for ax in axes)
+        hi = max(ax.get_ylim()[1] for ax in axes)
+        for ax in axes:
+            ax.set_ylim(lo, hi)
+    _legend(fig, axes)
+    return fig
+
+
+def scatter(frame: pd.DataFrame, x: str, y: str, *, hue: str | None = None, xlabel: str | None = None,
+            ylabel: str | None = None, diagonal: bool = True, symlog: bool = False, ax=None):  # fmt: skip
+    """``y`` against ``x`` (two columns), one color per ``hue`` value, with the diagonal y = x."""
+    fig, ax = (plt.subplots(figsize=(5.2, 4.2)) if ax is None else (ax.figure, ax))
+    groups = frame.groupby(hue, sort=False) if hue else [(None, frame)]
+    for i, (h, rows) in enumerate(groups):
+        ax.scatter(rows[x], rows[y], s=22, alpha=0.85, color=PALETTE[i % len(PALETTE)], label=None if h is None else str(h),
+                   edgecolor="white", linewidth=0.4)  # fmt: skip
+    if diagonal and len(frame):
+        lo = float(np.nanmin([frame[x].min(), frame[y].min()]))
+        hi = float(np.nanmax([frame[x].max(), frame[y].max()]))
+        ax.plot([lo, hi], [lo, hi], color="0.5", lw=1, ls=":", label="y = x", zorder=0)
+    if symlog:
+        span = np.nanmax(np.abs(frame[[x, y]].to_numpy())) if len(frame) else 1.0
+        for axis in ("x", "y"):
+            getattr(ax, f"set_{axis}scale")("symlog", linthresh=max(span * 1e-4, 1e-12))
+    ax.set_xlabel(xlabel or LABELS.get(x, x))
+    ax.set_ylabel(ylabel or LABELS.get(y, y))
+    if hue:
+        ax.legend(title=hue, loc="best", frameon=True)
+    fig.tight_layout()
+    return fig
+
+
+def boxes(frame: pd.DataFrame, x: str, y: str = "value", *, xlabel: str | None = None, ylabel: str | None = None,
+          order: Sequence | None = None, symlog: bool = True):  # fmt: skip
+    """Box plots of ``y`` per value of ``x`` (the paper's Figure 3: per-tensor terms per edit)."""
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.25 * frame[x].nunique()), 3.8))
+    sns.boxplot(frame, x=x, y=y, order=order, hue=x, hue_order=order, palette=PALETTE, legend=False, ax=ax,
+                fliersize=2.5, linewidth=1)  # fmt: skip
+    ax.axhline(0.0, color="0.3", lw=0.8, zorder=0)
+    if symlog:
+        span = float(np.nanmax(np.abs(frame[y]))) if len(frame) else 1.0
+        ax.set_yscale("symlog", linthresh=max(span * 1e-3, 1e-12))
+    ax.set_xlabel(xlabel or x)
+    ax.set_ylabel(ylabel or LABELS.get(y, y))
+    ax.tick_params(axis="x", labelrotation=20)
+    fig.tight_layout()
+    return fig
+
+
+def hist(frame: pd.DataFrame, x: str, hue: str, *, xlabel: str | None = None, bins: int = 60, ax=None):
+    """Density histograms (outlines) of ``x`` per ``hue`` value."""
+    fig, ax = (plt.subplots(figsize=(6.0, 3.8)) if ax is None else (ax.figure, ax))
+    sns.histplot(frame, x=x, hue=hue, stat="density", common_norm=False, element="step", fill=False, bins=bins,
+                 palette=PALETTE[: frame[hue].nunique()], ax=ax)  # fmt: skip
+    ax.set_xlabel(xlabel or x)
+    ax.set_ylabel("density")
+    fig.tight_layout()
+    return fig
+
+
+def strips(frame: pd.DataFrame, x: str, y: str, panels: str, *, xlabel: str | None = None, logx: bool = True,
+           order: Sequence | None = None, cols: int = 3):  # fmt: skip
+    """One panel per value of ``panels``: a dot per row at ``x``, rows grouped by ``y`` (a category)."""
+    keys = list(dict.fromkeys(frame[panels]))
+    fig, axes = _grid(len(keys), cols, width=4.2, height=3.0, sharex=False)
+    cats = list(order) if order is not None else sorted(frame[y].unique())
+    for ax, key in zip(axes, keys):
+        part = frame[frame[panels] == key]
+        present = [c for c in cats if c in set(part[y])]
+        sns.stripplot(part, x=x, y=y, order=present, hue=y, hue_order=present, palette=PALETTE[: len(present)],
+                      legend=False, size=5, jitter=0.2, ax=ax)  # fmt: skip
+        if logx:
+            ax.set_xscale("log")
+        ax.set_title(str(key))
+        ax.set_xlabel(xlabel or x)
+        ax.set_ylabel("")
+    fig.tight_layout()
+    return fig
+
+
+def hists(frame: pd.DataFrame, x: str, hue: str, panels: str, *, xlabel: str | None = None, bins: int = 60,
+          cols: int = 3):  # fmt: skip
+    """One panel of :func:`hist` per value of ``panels``, one shared legend."""
+    keys = list(dict.fromkeys(frame[panels]))
+    fig, axes = _grid(len(keys), cols, width=4.2, height=3.0, sharex=False)
+    for ax, key in zip(axes, keys):
+        hist(frame[frame[panels] == key], x, hue, xlabel=xlabel, bins=bins, ax=ax)
+        ax.set_title(str(key))
+    _legend(fig, axes)
+    return fig
