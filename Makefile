@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: book test bench venv clean
+.PHONY: book test bench venv clean check-book
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ book: $(STAMP)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q
+
+# After `make book`: headless Chromium opens the built index and two chapters (math rendered, images loaded, no
+# traceback). Needs Debian's chromium (`apt-get install chromium`); fails, rather than skips, without it.
+check-book: $(STAMP)
+	UNIFIEDDELTA_REQUIRE_BROWSER=1 $(BIN)/python -m pytest -q -rs tests/test_book.py -k built_book
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py

@@ -375,3 +375,25 @@ def test_every_path_closes_the_checkpoints_it_opens(pair, monkeypatch):
         call()
         assert len(opened) == 2 and all(any(c is o for c in closed) for o in opened)
         assert all(not ck._handles for ck in opened)
+
+
+def test_a_folder_pairs_with_a_module_whose_names_transformers_converted(tmp_path):
+    """transformers 5 renames ViT's tensors on load (encoder.layer.N.attention.attention.query -> layers.N.attention
+    .q_proj): a saved folder and a loaded module still pair tensor by tensor, every parameter edited."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    config = ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=16, num_hidden_layers=1,
+                       num_attention_heads=2, intermediate_size=32, num_labels=3)
+    torch.manual_seed(0)
+    pre = ViTForImageClassification(config)
+    pre.save_pretrained(tmp_path / "pre")
+    post = post_of(pre)
+    from unifieddelta.checkpoints import open_checkpoint
+
+    assert set(open_checkpoint(tmp_path / "pre").shapes) != set(dict(post.named_parameters()))  # the renaming
+    d = deltas.direction(tmp_path / "pre", post, "extrapolate", alpha=0.5)
+    assert set(d) == set(dict(post.named_parameters()))
+    for (n, p), q in zip(post.named_parameters(), pre.parameters()):
+        torch.testing.assert_close(d[n], 0.5 * (p - q).detach(), rtol=1e-5, atol=1e-7)
+    edited = deltas.apply_edit(tmp_path / "pre", post, "extrapolate", alpha=-1.0)
+    assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(edited.parameters(), pre.parameters()))

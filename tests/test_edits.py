@@ -16,6 +16,17 @@ from unifieddelta.errors import InvalidParameterError, MismatchError
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 
 
+def _peft():
+    """peft's merge utilities (the cross-checks skip without peft, and fail instead under UNIFIEDDELTA_STRICT)."""
+    import os
+
+    if os.environ.get("UNIFIEDDELTA_STRICT"):
+        import peft.utils.merge_utils as merge_utils
+
+        return merge_utils
+    return pytest.importorskip("peft.utils.merge_utils")
+
+
 def flat(t):
     return t.reshape(-1).tolist()
 
@@ -139,7 +150,7 @@ def test_stream_is_uniform_and_independent_across_keys_and_neighbours():
 
 
 def test_dare_with_peft_mask_matches_peft_random_pruning():
-    peft_merge = pytest.importorskip("peft.utils.merge_utils")
+    peft_merge = _peft()
     delta = rand(30, 20, seed=9).abs() + 0.01
     p = 0.7
     torch.manual_seed(11)
@@ -271,7 +282,7 @@ def test_magnitude_trim_keeps_exactly_the_top_fraction(keep):
 
 @pytest.mark.parametrize("keep", [0.1, 0.2, 0.5, 0.8])
 def test_magnitude_trim_matches_peft_magnitude_pruning(keep):
-    peft_merge = pytest.importorskip("peft.utils.merge_utils")
+    peft_merge = _peft()
     delta = rand(20, 10, seed=23, dtype=torch.float32)  # keep·200 is an integer: peft's int() = our round()
     assert torch.equal(edits.magnitude_trim(delta, keep), peft_merge.magnitude_based_pruning(delta, keep))
 

@@ -177,6 +177,9 @@ def test_dpo_and_vision_pairs(tmp_path):
     s = experiments.scores(table)
     assert set(s[s.pair == dpo.name].task) == {"ud_add", "preference"} and set(s[s.pair == vit.name].task) == {"rot90"}
     assert s.value.between(0, 1).all()
+    # every ViT tensor is edited (its names are converted on load; the pair must still match them all)
+    session = experiments.Session(vit, "cpu", "float32", False)
+    assert set(deltas.direction(session.pre, session.post, "dare", p=0.5)) == set(dict(session.post.named_parameters()))
     # the DPO term is on the DPO loss: the SFT model (pre) scores exactly log 2 on it
     from transformers import AutoModelForCausalLM
 

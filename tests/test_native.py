@@ -7,11 +7,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from conftest import needs
 from helpers import gen, load_tensors
 from unifieddelta import deltas, edits, native
 from unifieddelta.errors import NonFiniteError
 
-pytestmark = pytest.mark.skipif(native.library() is None, reason="no C compiler: the torch path is the only one")
+pytestmark = needs(native.library() is not None, "no C compiler: the torch path is the only one")
 
 N = edits.NATIVE_MIN_NUMEL + 77  # above the native size, not a multiple of any vector width
 

@@ -128,13 +128,13 @@ def test_shipped_profiles_match_their_notebooks():
 
 
 def test_paper_profile_names_installed_lm_eval_tasks():
-    from lm_eval.tasks import TaskManager
+    from unifieddelta.tasks import builtin_tasks
 
-    profile = pipeline.load_profile("paper")
-    tasks = profile["lm_eval_tasks"]
+    defaults = pipeline.load_profile("paper")["defaults"]
+    tasks, fewshot = defaults["tasks"], defaults["fewshot"]
     assert {"gsm8k", "arc_challenge", "hellaswag", "mmlu", "winogrande", "ifeval", "humaneval"} <= set(tasks)
-    available = set(TaskManager().all_tasks)
-    assert set(tasks) <= available, sorted(set(tasks) - available)
+    assert set(fewshot) == set(tasks) and fewshot["gsm8k"] == 5 and fewshot["arc_challenge"] == 25
+    assert set(tasks) <= builtin_tasks(), sorted(set(tasks) - builtin_tasks())
 
 
 def test_cli_help_lists_book():

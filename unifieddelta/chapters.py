@@ -266,13 +266,25 @@ def paper_class(method: str, params: dict, kind: str) -> str | None:
     return PAPER_CLASS.get(method)
 
 
-def our_class(term: float, loss: float, tolerance: float = 0.01) -> str:
-    """competitive when |term| is below ``tolerance`` × the loss at W_post, else decreased (> 0) or improved (< 0)."""
+def our_class(term: float, loss: float, tolerance: float = 0.01, sd: float = math.nan, n: int = 1) -> str:
+    """competitive when the term is about zero — |term| below ``tolerance`` × the loss at W_post, or, for a random
+    edit measured at n > 1 seeds, its mean within two standard errors of zero (the paper's claim is about the
+    expectation over masks) —, else decreased (> 0) or improved (< 0)."""
     if not math.isfinite(term):
         return "—"
-    if abs(term) <= tolerance * abs(loss):
+    if abs(term) <= tolerance * abs(loss) or (n > 1 and math.isfinite(sd) and abs(term) <= 2 * sd / math.sqrt(n)):
         return "competitive"
     return "decreased" if term > 0 else "improved"
+
+
+def disagreements(classes) -> str:
+    """The rows where our class differs from the paper's, in a few words per pair and method."""
+    bad = classes[classes.agree == "no"]
+    parts = []
+    for (pair, method), rows in bad.groupby(["pair", "method"], sort=False):
+        settings = ", ".join(e[len(method) + 1:-1] or "default settings" for e in rows.edit)
+        parts.append(f"{method} on {pair} at {settings} ({'/'.join(rows.ours.unique())}; the paper: {rows.paper.iloc[0]})")
+    return "; ".join(parts) or "none"
 
 
 def classify(frame, trials: Sequence[Trial], *, rule: str = "left", points: int = 5, tolerance: float = 0.01):
@@ -298,11 +310,22 @@ def classify(frame, trials: Sequence[Trial], *, rule: str = "left", points: int 
         edited = s[(s.pair == pair_name) & (s.edit == edit)].groupby("task")["value"].mean()
         score_change = float((edited - post[edited.index]).mean()) if len(edited) and len(post) else math.nan
         term = float(group.value.mean())
-        ours = our_class(term, float(loss.get(pair_name, math.nan)), tolerance)
+        sd = float(group.value.std()) if len(group) > 1 else math.nan
+        ours = our_class(term, float(loss.get(pair_name, math.nan)), tolerance, sd, len(group))
         theirs = paper_class(method, setting, kinds.get(pair_name, "lm"))
-        rows.append({"pair": pair_name, "edit": edit, "method": method, "seeds": group.seed.nunique(), "term": term,
-                     "term_sd": float(group.value.std()) if len(group) > 1 else math.nan,
+        rows.append({"_trial": group.trial.iloc[0], "pair": pair_name, "edit": edit, "method": method,
+                     "seeds": group.seed.nunique(), "term": term,
+                     "term_sd": sd,
                      "loss_change": float(change.get((pair_name, edit), math.nan)), "score_change": score_change,
                      "ours": ours, "paper": theirs or "—",
                      "agree": "—" if theirs is None else ("yes" if theirs == ours else "no")})
-    return pd.DataFrame(rows)
+    out = pd.DataFrame(rows)
+    if out.empty:
+        return pd.DataFrame(columns=["pair", "edit", "method", "seeds", "term", "term_sd", "loss_change",
+                                     "score_change", "ours", "paper", "agree"])
+    order = {m: i for i, m in enumerate(["dare", "drop_only", "bitdelta", "low_rank", "magnitude_trim",
+                                         "extrapolate", "sign_biased", "product_biased"])}
+    out["_order"] = out.method.map(lambda m: order.get(m, len(order)))
+    out["_value"] = [tuple(v for _, v in sorted(params[t].items()) if isinstance(v, (int, float)))
+                     for t in out.pop("_trial")]  # settings in numeric order: p = 0.1, 0.2, ...
+    return out.sort_values(["pair", "_order", "_value"]).drop(columns=["_order", "_value"]).reset_index(drop=True)

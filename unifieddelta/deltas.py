@@ -124,6 +124,20 @@ class Entry:
     rows: int | None = None  # for ``grown``: the rows pre has
 
 
+def _pairable(pre, post):
+    """``pre`` opened so that it pairs with ``post`` by name: when post is a Hugging Face module whose (converted)
+    parameter names a folder's files mostly lack — transformers renames some on load (ViT's encoder.layer.N.* ->
+    layers.N.*) — the folder is loaded as post's class."""
+    pre_ck = open_checkpoint(pre)
+    if isinstance(post, nn.Module) and hasattr(type(post), "from_pretrained") and pre_ck.folder is not None:
+        names = {n for n, _ in post.named_parameters()}
+        if len(names & set(pre_ck.shapes)) < len(names) / 2:
+            pre_ck.close()
+            dtype = next(iter(post.parameters())).dtype
+            return open_checkpoint(type(post).from_pretrained(pre_ck.folder, dtype=dtype).eval())
+    return pre_ck
+
+
 def plan(pre: Checkpoint, post: Checkpoint, *, include=None, exclude=None, preset: str = "all") -> list[Entry]:
     """Pair the two sides tensor by tensor, from headers only, raising before any tensor is read or written.
 
@@ -209,7 +223,7 @@ def iter_deltas(pre, post, *, include=None, exclude=None, preset: str = "all",
     Grown embeddings are yielded on their shared rows; tensors only one side has are skipped (with a warning);
     a delta with NaN or Inf entries raises a ``NonFiniteError`` naming the tensor.
     """
-    with open_checkpoint(pre) as pre_ck, open_checkpoint(post) as post_ck:
+    with _pairable(pre, post) as pre_ck, open_checkpoint(post) as post_ck:
         for e in plan(pre_ck, post_ck, include=include, exclude=exclude, preset=preset):
             if e.kind != "keep":
                 yield e.name, _delta(e.name, *_tensors(pre_ck, post_ck, e), dtype)
@@ -223,7 +237,7 @@ def delta_stats(pre, post, *, include=None, exclude=None, preset: str = "all", p
     import pandas as pd
 
     rows = []
-    with open_checkpoint(pre) as pre_ck, open_checkpoint(post) as post_ck:
+    with _pairable(pre, post) as pre_ck, open_checkpoint(post) as post_ck:
         todo = [e for e in plan(pre_ck, post_ck, include=include, exclude=exclude, preset=preset) if e.kind != "keep"]
         with _bar(len(todo), "stats", progress) as bar:
             for e in todo:
@@ -405,7 +419,7 @@ def direction(
     """
     edit = _prepare(method, params, grad)
     out = {}
-    with open_checkpoint(pre) as pre_ck, open_checkpoint(post) as post_ck:
+    with _pairable(pre, post) as pre_ck, open_checkpoint(post) as post_ck:
         entries = plan(pre_ck, post_ck, include=include, exclude=exclude, preset=preset)
         _check_fits(edit, post_ck, entries)
         todo = [e for e in entries if e.kind != "keep"]
@@ -455,7 +469,7 @@ def apply_edit(
 def _edit_in_memory(edit: _Edit, pre, model: nn.Module, seed: int, select: dict, compute_dtype, progress) -> None:
     """Edit the module's parameters; every new tensor is computed before any parameter changes, so an error leaves
     the model untouched."""
-    with open_checkpoint(pre) as pre_ck, open_checkpoint(model) as post_ck:
+    with _pairable(pre, model) as pre_ck, open_checkpoint(model) as post_ck:
         entries = plan(pre_ck, post_ck, **select)
         _check_fits(edit, post_ck, entries)
         todo = [e for e in entries if e.kind != "keep"]

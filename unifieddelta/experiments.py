@@ -210,7 +210,10 @@ class Trial:
 
     @property
     def label(self) -> str:
-        return self.method + "(" + ", ".join(f"{k}={v}" for k, v in self.params.items()) + ")"
+        """``dare(p=0.5)``: the method and the settings that differ from its defaults (the columns hold them all)."""
+        defaults = edits.with_defaults(self.method, {})
+        shown = {k: v for k, v in self.params.items() if k not in defaults or defaults[k] != v}
+        return self.method + "(" + ", ".join(f"{k}={v}" for k, v in shown.items()) + ")"
 
     @cached_property
     def key(self) -> str:
@@ -411,14 +414,17 @@ def run(trials: Iterable[Trial], *, store: Store | str | None = None, shard: tup
 
 
 class Session:
-    """One pair loaded for measuring: post on the device in the dtype, pre read from its folder, the loss, the
-    scorer's data. Loaded lazily, on the first trial that needs the pair."""
+    """One pair loaded for measuring: pre and post on the device in the dtype, the loss, the scorer's data. Loaded
+    on the first trial that needs the pair."""
 
     def __init__(self, pair: Pair, device: str, dtype: str, progress: bool):
         self.pair, self.device, self.dtype = pair, device, getattr(torch, dtype)
         self.kind = KINDS[pair.kind]
-        self.pre, post = pair.folders(progress=progress)
+        pre, post = pair.folders(progress=progress)
         self.post = self.kind.load(post, self.device, self.dtype)
+        # pre as a model of the same class too: transformers may rename tensors on load (ViT's encoder.layer.* ->
+        # layers.*), so a folder's names need not be the module's; two modules always pair by name.
+        self.pre = self.kind.load(pre, self.device, self.dtype)
         self._losses: dict[Any, losses.BatchLoss] = {}
         self.state: dict[str, Any] = {}  # what a kind keeps between trials (a tokenizer, a reference model)
 
@@ -719,7 +725,7 @@ def _dpo_triples(session, examples):
 
 def _dpo_loss(session, examples):
     if "reference" not in session.state:  # the SFT model: the pair's pre side
-        session.state["reference"] = _load_causal_lm(session.pre, session.device, session.dtype)
+        session.state["reference"] = session.pre
     return losses.dpo_loss(session.state["reference"], _dpo_triples(session, examples), _tokenizer(session),
                            beta=session.pair.recipe.dpo_beta, batch_size=48)  # fmt: skip
 

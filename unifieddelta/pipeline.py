@@ -173,6 +173,8 @@ def _hide_injected(path: Path) -> None:
 def build_html(root: Path) -> Path:
     """Run ``jupyter-book build -W`` in a staging folder; on success swap the HTML into ``_build/html``."""
     staging = root / "_build" / ".staging"
+    # Sphinx keeps the static files of an earlier build rather than overwrite them: copy them afresh.
+    shutil.rmtree(staging / "_build" / "html" / "_static", ignore_errors=True)
     cmd = [sys.executable, "-c", "from jupyter_book.cli.main import main; main()", "build", str(root), "--path-output", str(staging),
            "-W", "--keep-going"]
     proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True)

@@ -7,14 +7,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")  # figures are saved into notebooks, never shown on a screen
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
 
 PALETTE = sns.color_palette("colorblind")
 #: How each quantity of the tables is named on an axis (all losses are in nats per answer token, per triple or
@@ -33,15 +29,15 @@ REFERENCE_STYLE = {"pre": dict(color="0.45", ls="--", lw=1.2), "post": dict(colo
 def style() -> None:
     """The house style for every figure of the book (called on import)."""
     sns.set_theme(style="whitegrid", context="notebook", palette=PALETTE, rc={
-        "figure.dpi": 110, "savefig.dpi": 110, "axes.titlesize": 11, "axes.labelsize": 10, "legend.fontsize": 9,
-        "legend.title_fontsize": 9, "xtick.labelsize": 9, "ytick.labelsize": 9, "figure.autolayout": False,
+        "figure.dpi": 100, "savefig.dpi": 100, "axes.titlesize": 12, "axes.labelsize": 11.5, "legend.fontsize": 11,
+        "legend.title_fontsize": 11, "xtick.labelsize": 10.5, "ytick.labelsize": 10.5, "figure.autolayout": False,
     })  # fmt: skip
 
 
 style()
 
 
-def _grid(n: int, cols: int, width: float = 3.6, height: float = 2.9, sharex: bool = True):
+def _grid(n: int, cols: int, width: float = 4.4, height: float = 3.2, sharex: bool = True):
     cols = max(1, min(cols, n))
     rows = int(np.ceil(n / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), sharex=sharex, squeeze=False)
@@ -73,7 +69,7 @@ def _legend(fig, axes) -> None:
 
 def lines(frame: pd.DataFrame, x: str, panels: str, *, hue: str | None = None, y: str = "value",
           refs: dict[str, pd.Series] | None = None, xlabel: str | None = None, ylabel: str | None = None,
-          logx: bool = False, yscale: str | None = None, cols: int = 3, titles: dict | None = None,
+          logx: bool = False, yscale: str | None = None, cols: int = 2, titles: dict | None = None,
           order: Sequence | None = None, hue_order: Sequence | None = None, sharey: bool = False,
           zero: bool = False):  # fmt: skip
     """One panel per value of ``panels`` (a task, a quantity), ``y`` against ``x``, one line per ``hue`` value:
@@ -147,7 +143,8 @@ def boxes(frame: pd.DataFrame, x: str, y: str = "value", *, xlabel: str | None =
           order: Sequence | None = None, symlog: bool = True):  # fmt: skip
     """Box plots of ``y`` per value of ``x`` (the paper's Figure 3: per-tensor terms per edit)."""
     fig, ax = plt.subplots(figsize=(max(5.0, 1.25 * frame[x].nunique()), 3.8))
-    sns.boxplot(frame, x=x, y=y, order=order, hue=x, hue_order=order, palette=PALETTE, legend=False, ax=ax,
+    n = len(order) if order is not None else frame[x].nunique()
+    sns.boxplot(frame, x=x, y=y, order=order, hue=x, hue_order=order, palette=PALETTE[:n], legend=False, ax=ax,
                 fliersize=2.5, linewidth=1)  # fmt: skip
     ax.axhline(0.0, color="0.3", lw=0.8, zorder=0)
     if symlog:
@@ -171,33 +168,45 @@ def hist(frame: pd.DataFrame, x: str, hue: str, *, xlabel: str | None = None, bi
     return fig
 
 
-def strips(frame: pd.DataFrame, x: str, y: str, panels: str, *, xlabel: str | None = None, logx: bool = True,
-           order: Sequence | None = None, cols: int = 3):  # fmt: skip
-    """One panel per value of ``panels``: a dot per row at ``x``, rows grouped by ``y`` (a category)."""
-    keys = list(dict.fromkeys(frame[panels]))
-    fig, axes = _grid(len(keys), cols, width=4.2, height=3.0, sharex=False)
-    cats = list(order) if order is not None else sorted(frame[y].unique())
-    for ax, key in zip(axes, keys):
-        part = frame[frame[panels] == key]
-        present = [c for c in cats if c in set(part[y])]
-        sns.stripplot(part, x=x, y=y, order=present, hue=y, hue_order=present, palette=PALETTE[: len(present)],
-                      legend=False, size=5, jitter=0.2, ax=ax)  # fmt: skip
-        if logx:
-            ax.set_xscale("log")
-        ax.set_title(str(key))
-        ax.set_xlabel(xlabel or x)
-        ax.set_ylabel("")
+def strips(frame: pd.DataFrame, x: str, y: str, hue: str, *, xlabel: str | None = None, logx: bool = True,
+           order: Sequence | None = None):  # fmt: skip
+    """A dot per row at ``x``, rows grouped by the category ``y`` and colored by ``hue`` (dodged apart)."""
+    cats = [c for c in (order if order is not None else sorted(frame[y].unique())) if c in set(frame[y])]
+    hues = list(dict.fromkeys(frame[hue]))
+    fig, ax = plt.subplots(figsize=(8.8, 0.36 * len(cats) * max(2, len(hues)) + 1.2))
+    sns.stripplot(frame, x=x, y=y, order=cats, hue=hue, hue_order=hues, palette=PALETTE[: len(hues)], dodge=True,
+                  size=5.5, jitter=0.15, ax=ax)  # fmt: skip
+    if logx:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel or x)
+    ax.set_ylabel("")
+    for i in range(len(cats) - 1):
+        ax.axhline(i + 0.5, color="0.85", lw=0.8)
+    ax.legend(title=hue, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     fig.tight_layout()
     return fig
 
 
 def hists(frame: pd.DataFrame, x: str, hue: str, panels: str, *, xlabel: str | None = None, bins: int = 60,
-          cols: int = 3):  # fmt: skip
+          cols: int = 2):  # fmt: skip
     """One panel of :func:`hist` per value of ``panels``, one shared legend."""
     keys = list(dict.fromkeys(frame[panels]))
     fig, axes = _grid(len(keys), cols, width=4.2, height=3.0, sharex=False)
     for ax, key in zip(axes, keys):
         hist(frame[frame[panels] == key], x, hue, xlabel=xlabel, bins=bins, ax=ax)
         ax.set_title(str(key))
+    _legend(fig, axes)
+    return fig
+
+
+def scatters(frame: pd.DataFrame, xs: Sequence[str], y: str, *, hue: str | None = None, ylabel: str | None = None,
+             symlog: bool = True, cols: int = 2):  # fmt: skip
+    """One panel of ``y`` against each column of ``xs`` (a shared y axis label and one legend)."""
+    fig, axes = _grid(len(xs), cols, width=4.8, height=3.6, sharex=False)
+    for ax, x in zip(axes, xs):
+        scatter(frame, x=x, y=y, hue=hue, diagonal=False, ax=ax, ylabel=ylabel)
+        if symlog:
+            ax.set_xscale("symlog", linthresh=max(float(frame[x].abs().max()) * 1e-3, 1e-12))
+        ax.axhline(0.0, color="0.3", lw=0.8, zorder=0)
     _legend(fig, axes)
     return fig

@@ -1,0 +1,114 @@
+"""The book itself: every notebook of the smoke profile executed through papermill (the pipeline), parameter and
+setup cells hidden, the whole book built by ``jupyter-book build -W``, and the pages checked in a real browser.
+
+``make check-book`` runs the browser test on the book ``make book`` built (``_build/html``)."""
+
+import os
+import shutil
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from browser import chromium, inspect
+from conftest import needs
+from unifieddelta import pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+CHAPTERS = ["delta", "identity", "dare", "classification"]
+BROWSER = needs(chromium() is not None, "no Chromium on this machine (apt-get install chromium)",
+                strict="UNIFIEDDELTA_REQUIRE_BROWSER")
+
+
+@pytest.fixture(scope="module")
+def smoke_book(tmp_path_factory):
+    """A copy of the book's sources, every notebook executed with the smoke profile, and the HTML built."""
+    root = tmp_path_factory.mktemp("book")
+    for name in ("_config.yml", "_toc.yml", "references.bib"):
+        shutil.copy(REPO / name, root / name)
+    for folder in ("notebooks", "book", "_static"):
+        shutil.copytree(REPO / folder, root / folder, ignore=shutil.ignore_patterns("generated", ".ipynb_checkpoints"))
+    runs = pipeline.plan(pipeline.load_profile("smoke"), root)
+    assert [r.name for r in runs] == CHAPTERS
+    for run in runs:
+        assert pipeline.execute(run, cwd=root) is True  # a raising cell fails this test (NotebookError)
+    index = pipeline.build_html(root)
+    return root, index
+
+
+def test_every_notebook_declares_the_conventions():
+    common = {"pair", "pre", "post", "tasks", "limit", "seeds", "device", "dtype", "smoke"}
+    import papermill
+
+    for name in CHAPTERS:
+        declared = set(papermill.inspect_notebook(str(REPO / "notebooks" / f"{name}.ipynb")))
+        assert common <= declared, (name, common - declared)
+        nb = nbformat.read(REPO / "notebooks" / f"{name}.ipynb", as_version=4)
+        assert not any(c.get("outputs") for c in nb.cells if c.cell_type == "code"), f"{name}: committed outputs"
+        params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+        assert len(params) == 1 and "remove-cell" in params[0].metadata["tags"], name
+        setup = next(c for c in nb.cells if c.cell_type == "code" and "parameters" not in c.metadata.get("tags", []))
+        assert {"remove-cell", "remove-input"} & set(setup.metadata.get("tags", [])), f"{name}: setup cell shown"
+
+
+def test_smoke_notebooks_execute_and_hide_their_parameters(smoke_book):
+    root, _ = smoke_book
+    for name in CHAPTERS:
+        nb = nbformat.read(root / "book" / "generated" / f"{name}.ipynb", as_version=4)
+        injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
+        assert injected and "remove-cell" in injected[0].metadata["tags"] and "smoke = True" in injected[0].source
+        errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
+        assert not errors
+        html = (root / "_build" / "html" / "book" / "generated" / f"{name}.html").read_text()
+        assert "papermill injects" not in html and "smoke = True" not in html  # neither parameters cell shows
+        assert "chapters.plan(" not in html  # nor the setup cell
+        assert "Traceback" not in html
+
+
+def test_every_glued_number_is_defined(smoke_book):
+    """A {glue:text} role whose name no cell glued is a build warning (-W fails); check the names directly too."""
+    root, _ = smoke_book
+    for name in CHAPTERS:
+        nb = nbformat.read(root / "book" / "generated" / f"{name}.ipynb", as_version=4)
+        glued = {o["metadata"]["scrapbook"]["name"] for c in nb.cells if c.cell_type == "code"
+                 for o in c.get("outputs", []) if "scrapbook" in o.get("metadata", {})}  # fmt: skip
+        import re
+
+        used = {m for c in nb.cells if c.cell_type == "markdown"
+                for m in re.findall(r"\{glue:text\}`([^`:]+)", c.source)}  # fmt: skip
+        assert used <= glued, (name, used - glued)
+
+
+@BROWSER
+def test_smoke_book_in_a_browser(smoke_book):
+    root, _ = smoke_book
+    _check_pages(root / "_build" / "html")
+
+
+def _check_pages(html: Path) -> None:
+    pages = ["index.html", "book/generated/identity.html", "book/generated/dare.html"]
+    seen = inspect(html, pages)
+    for page, result in seen.items():
+        assert "error" not in result, (page, result)
+        assert result["math"] > 0, f"{page}: no rendered math (mjx-container)"
+        assert not result["broken"], f"{page}: images that did not load: {result['broken']}"
+        assert not result["traceback"], f"{page}: a traceback or error text on the page"
+    assert all(seen[p]["images"] > 0 for p in pages[1:]), "chapter pages without figures"
+
+
+@BROWSER
+def test_the_browser_check_sees_broken_pages(tmp_path):
+    (tmp_path / "bad.html").write_text("<html><body><p>Traceback (most recent call last):</p>"
+                                       "<img src='missing.png'></body></html>")
+    result = inspect(tmp_path, ["bad.html"])["bad.html"]
+    assert result["broken"] == ["missing.png"] and result["traceback"] and result["math"] == 0
+
+
+BUILT = Path(os.environ.get("UNIFIEDDELTA_BOOK_HTML", REPO / "_build" / "html"))
+
+
+@BROWSER
+@needs((BUILT / "index.html").is_file(), f"no built book at {BUILT} (run make book)", strict="UNIFIEDDELTA_REQUIRE_BROWSER")
+def test_built_book_in_a_browser():
+    """``make check-book``: the book ``make book`` built."""
+    _check_pages(BUILT)
