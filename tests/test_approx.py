@@ -245,14 +245,19 @@ def test_jvp_without_forward_derivative_says_so():
     class Fused(nn.Module):
         def __init__(self):
             super().__init__()
-            self.w = nn.Parameter(torch.randn(1, 1, 4, 8))
+            self.w = nn.Parameter(torch.randn(1, 1, 4, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
 
-        def forward(self):
-            return F.scaled_dot_product_attention(self.w, self.w, self.w).sum()
+        def forward(self, w=None):
+            w = self.w if w is None else w
+            return F.scaled_dot_product_attention(w, w, w).sum()
 
     model = Fused()
-    d = {"w": torch.ones(1, 1, 4, 8)}
-    assert approx.approximation_term(model, d, loss_of, points=1, mode="grad").term != 0
+    d = {"w": torch.linspace(-1, 1, 32, dtype=torch.float64).reshape(1, 1, 4, 8)}
+    h = 1e-5
+    with torch.no_grad():  # ⟨∇L(W), D⟩ by a central difference, independently of autograd
+        slope = float(model(model.w + h * d["w"]) - model(model.w - h * d["w"])) / (2 * h)
+    grad = approx.approximation_term(model, d, loss_of, points=1, mode="grad").term
+    assert grad == pytest.approx(slope, rel=1e-7) and abs(slope) > 1e-3
     _raises_restored(model, NotImplementedError, "mode='grad'", lambda: approx.approximation_term(model, d, loss_of, mode="jvp"))
 
 

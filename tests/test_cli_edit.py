@@ -1,6 +1,7 @@
 """The ``edit`` and ``stats`` sub-commands: a round trip on two tiny saved Llama checkpoints, and one test per bad
 input (the library raises the project's exception; the CLI exits 2 with one line; no output is left behind)."""
 
+import json
 import os
 import re
 import shutil
@@ -80,7 +81,7 @@ def bad(pair, tmp_path_factory):
     from safetensors.torch import save_file
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    pre, post, _ = pair
+    pre, post, sharded = pair
     root = tmp_path_factory.mktemp("bad")
     (root / "not-a-checkpoint").mkdir()
     (root / "not-a-checkpoint" / "README.txt").write_text("hello\n")
@@ -94,6 +95,24 @@ def bad(pair, tmp_path_factory):
     tensors = load_tensors(post)
     tensors["model.layers.0.mlp.up_proj.weight"][3, 4] = float("nan")
     save_file(tensors, str(root / "nan" / "model.safetensors"), metadata={"format": "pt"})
+    shutil.copytree(post, root / "shrunk")  # a post vocabulary smaller than pre's
+    tensors = load_tensors(post)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        tensors[name] = tensors[name][:-4].clone()
+    save_file(tensors, str(root / "shrunk" / "model.safetensors"), metadata={"format": "pt"})
+    shutil.copytree(post, root / "bad-config")
+    (root / "bad-config" / "config.json").write_text('{"model_type": "llama",')
+    shutil.copytree(sharded, root / "bad-index")
+    (root / "bad-index" / "model.safetensors.index.json").write_text("{weight_map: nope")
+    shutil.copytree(sharded, root / "index-lies")
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    first = sorted(index["weight_map"])[0]
+    index["weight_map"]["model.ghost.weight"] = index["weight_map"][first]
+    (root / "index-lies" / "model.safetensors.index.json").write_text(json.dumps(index))
+    shutil.copytree(post, root / "corrupt-post")
+    data = bytearray((post / "model.safetensors").read_bytes())
+    data[10:40] = os.urandom(30)  # the header garbled, the size unchanged
+    (root / "corrupt-post" / "model.safetensors").write_bytes(bytes(data))
     return root
 
 
@@ -111,6 +130,12 @@ BAD = {
     "rank above min(m, n)": ("{pre}", "{post}", "low_rank", ["rank=9"], [], InvalidParameterError, "exceeds min(m, n) = 8"),
     "bits negative": ("{pre}", "{post}", "bitdelta", ["bits=-1"], [], InvalidParameterError, "bits must be an integer >= 0"),
     "out exists": ("{pre}", "{post}", "dare", ["p=0.5"], ["exists"], OutputExistsError, "exists"),
+    "vocabulary shrank": ("{pre}", "{bad}/shrunk", "dare", ["p=0.5"], [], MismatchError, "shape (64, 16) in pre but (60, 16) in post"),
+    "corrupt config.json": ("{pre}", "{bad}/bad-config", "dare", ["p=0.5"], [], CheckpointError, "unreadable config"),
+    "unreadable index": ("{pre}", "{bad}/bad-index", "dare", ["p=0.5"], [], CheckpointError, "unreadable index"),
+    "index names a missing tensor": ("{pre}", "{bad}/index-lies", "dare", ["p=0.5"], [], CheckpointError,
+                                     "'model.ghost.weight' listed in the index is not in the file"),
+    "corrupt post": ("{pre}", "{bad}/corrupt-post", "dare", ["p=0.5"], [], CheckpointError, "corrupt"),
 }  # fmt: skip
 
 

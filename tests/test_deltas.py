@@ -397,3 +397,90 @@ def test_a_folder_pairs_with_a_module_whose_names_transformers_converted(tmp_pat
         torch.testing.assert_close(d[n], 0.5 * (p - q).detach(), rtol=1e-5, atol=1e-7)
     edited = deltas.apply_edit(tmp_path / "pre", post, "extrapolate", alpha=-1.0)
     assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(edited.parameters(), pre.parameters()))
+
+
+def test_sharded_output_loads_with_from_pretrained_and_its_index_is_right(pair, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    pre, post, sharded = pair
+    whole = deltas.apply_edit(pre, post, "dare", p=0.6, seed=2, out=tmp_path / "whole")
+    split = deltas.apply_edit(pre, sharded, "dare", p=0.6, seed=2, out=tmp_path / "split")
+    a, b = LlamaForCausalLM.from_pretrained(whole), LlamaForCausalLM.from_pretrained(split)  # through the index
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    index = json.loads((split / "model.safetensors.index.json").read_text())
+    source = json.loads((sharded / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == source["weight_map"]  # every tensor in the shard it came from
+    files = {f: load_file(split / f) for f in set(index["weight_map"].values())}
+    assert all(name in files[f] for name, f in index["weight_map"].items())
+    assert sorted(n for t in files.values() for n in t) == sorted(index["weight_map"])
+    assert index["metadata"]["total_size"] == sum(t.nbytes for f in files.values() for t in f.values())
+
+
+def test_a_failure_while_overwriting_keeps_the_old_output(pair, tmp_path, monkeypatch):
+    from unifieddelta import checkpoints
+
+    pre, post, _ = pair
+    out = deltas.apply_edit(pre, post, "dare", p=0.3, out=tmp_path / "out")
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    real = checkpoints.write_safetensors
+    calls = []
+
+    def failing(path, specs, tensors, metadata):
+        calls.append(path)
+        if len(calls) == 1:
+            it = iter(tensors)
+            next(it)  # one tensor made, then the disk fills up
+            raise OSError("No space left on device")
+        return real(path, specs, tensors, metadata)
+
+    monkeypatch.setattr(checkpoints, "write_safetensors", failing)
+    with pytest.raises(OSError, match="No space"):
+        deltas.apply_edit(pre, post, "dare", p=0.9, out=out, overwrite=True)
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    assert no_leftovers(tmp_path)
+    monkeypatch.undo()
+    deltas.apply_edit(pre, post, "dare", p=0.9, out=out, overwrite=True)  # and overwriting does overwrite
+    assert {f.name: f.read_bytes() for f in out.iterdir()} != before
+
+
+def test_a_failed_in_place_edit_leaves_the_model_untouched(pair, monkeypatch):
+    pre, post, _ = pair
+    model = checkpoint_llama()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    real = edits.EDITS["dare"].fn
+    seen = []
+
+    def flaky(delta, p, k=0.0, *, generator=None, offset=0):
+        seen.append(1)
+        if len(seen) == 5:
+            raise RuntimeError("out of memory")
+        return real(delta, p, k, generator=generator, offset=offset)
+
+    monkeypatch.setitem(edits.EDITS, "dare", edits.EditSpec(flaky, seeded=lambda p: True, entrywise=True))
+    with pytest.raises(RuntimeError, match="out of memory"):
+        deltas.apply_edit(pre, model, "dare", p=0.5, inplace=True)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_pre_and_post_in_different_dtypes_work_and_write_posts_dtype(pair, pair_bf16, tmp_path):
+    pre32, _, _ = pair
+    _, post16 = pair_bf16
+    out = deltas.apply_edit(pre32, post16, "extrapolate", alpha=0.5, out=tmp_path / "mixed")
+    got, a, b = load_tensors(out), load_tensors(pre32), load_tensors(post16)
+    assert all(t.dtype == torch.bfloat16 for t in got.values())
+    for n, t in got.items():
+        want = (b[n].double() + 0.5 * (b[n].double() - a[n].double())).to(torch.bfloat16)
+        assert torch.equal(t, want), n
+
+
+def test_nan_reaching_direction_or_the_in_memory_edit_names_the_tensor(pair):
+    pre, post, _ = pair
+    model = post_of(checkpoint_llama())
+    with torch.no_grad():
+        model.model.layers[1].self_attn.k_proj.weight[0, 0] = float("nan")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(NonFiniteError, match="layers.1.self_attn.k_proj"):
+        deltas.direction(pre, model, "dare", p=0.5)
+    with pytest.raises(NonFiniteError, match="layers.1.self_attn.k_proj"):
+        deltas.apply_edit(pre, model, "dare", p=0.5, inplace=True)
+    assert all(torch.equal(p, before[n]) or (p.isnan() == before[n].isnan()).all() for n, p in model.named_parameters())

@@ -218,14 +218,20 @@ def test_bitdelta_equal_count_blocks():
 @pytest.mark.parametrize("magnitudes", ["normal", "uniform"])
 def test_bitdelta_random_magnitudes_keep_the_mean(magnitudes):
     delta = rand(300, 300, seed=16)
+    delta[0, :7] = 0.0  # entries post-training left alone stay alone
     scale = 1.5
     got = edits.bitdelta(delta, scale=scale, magnitudes=magnitudes, generator=gen(3))
     target = scale * delta.abs().mean()
     signed = got * torch.sign(delta)  # the magnitude drawn for each entry, with the delta's sign removed
-    assert abs(signed.mean() / target - 1) < 0.01
-    if magnitudes == "uniform":
-        assert (torch.sign(got) == torch.sign(delta)).all() and signed.max() <= 2 * target
+    moved = delta != 0
+    assert (signed[moved] >= 0).all()  # a magnitude: no sign is ever flipped
+    assert (got[~moved] == 0).all()
+    assert float(signed[moved].mean()) == pytest.approx(float(target), rel=1e-12)  # the mean, exactly
+    # the spread is that of the distribution drawn (folded normal |1 + z|, or uniform), relative to its mean
+    expected = {"normal": 0.6853, "uniform": 0.5774}[magnitudes]
+    assert float(signed[moved].std() / signed[moved].mean()) == pytest.approx(expected, abs=0.01)
     assert torch.equal(got, edits.bitdelta(delta, scale=scale, magnitudes=magnitudes, generator=gen(3)))
+    assert not torch.equal(got, edits.bitdelta(delta, scale=scale, magnitudes=magnitudes, generator=gen(4)))
 
 
 # --- low rank -----------------------------------------------------------------------------------------------

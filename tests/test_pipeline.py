@@ -8,20 +8,20 @@ from types import SimpleNamespace
 import nbformat
 import pytest
 import yaml
-from nbformat.v4 import new_code_cell, new_notebook
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 import unifieddelta
 from unifieddelta import pipeline
 from unifieddelta.cli import main
-from unifieddelta.errors import NotebookError, ProfileError
+from unifieddelta.errors import NotebookError, ProfileError, UnifiedDeltaError
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _notebook(path: Path, params: str, body: str) -> None:
+def _notebook(path: Path, params: str, body: str, title: str | None = None) -> None:
     cell = new_code_cell(params)
     cell.metadata["tags"] = ["parameters"]
-    nb = new_notebook(cells=[cell, new_code_cell(body)])
+    nb = new_notebook(cells=([new_markdown_cell(f"# {title}")] if title else []) + [cell, new_code_cell(body)])
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, path)
 
@@ -140,3 +140,67 @@ def test_paper_profile_names_installed_lm_eval_tasks():
 def test_cli_help_lists_book():
     out = subprocess.run([sys.executable, "-m", "unifieddelta.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "book" in out.stdout
+
+
+# ---------------------------------------------------------------------------------------------- whole builds
+
+
+@pytest.fixture
+def two_pages(tmp_path):
+    """A two-notebook book that really builds: each notebook appends its name to runs.log when it executes."""
+    (tmp_path / "notebooks").mkdir()
+    (tmp_path / "_config.yml").write_text("title: t\nonly_build_toc_files: true\nexclude_patterns: [notebooks]\n"
+                                          "execute:\n  execute_notebooks: 'off'\n")
+    (tmp_path / "_toc.yml").write_text("format: jb-book\nroot: intro\nchapters:\n  - file: book/generated/one\n"
+                                       "  - file: book/generated/two\n")
+    (tmp_path / "intro.md").write_text("# Intro\n\nA page.\n")
+    for name in ("one", "two"):
+        _notebook(tmp_path / "notebooks" / f"{name}.ipynb", "x = 1",
+                  f"with open('runs.log', 'a') as f:\n    f.write('{name}\\n')\nprint('{name}', x)", title=name)
+    profile = tmp_path / "p.yaml"
+    profile.write_text(yaml.safe_dump({"name": "p", "notebooks": [{"name": "one"}, {"name": "two"}]}))
+
+    def runs():
+        log = tmp_path / "runs.log"
+        return log.read_text().split() if log.exists() else []
+
+    return SimpleNamespace(root=tmp_path, profile=str(profile), runs=runs)
+
+
+def test_builds_execute_only_what_changed(two_pages, monkeypatch):
+    book = two_pages
+    index = pipeline.build_book(book.profile, root=book.root)
+    assert index.is_file() and "two" in (book.root / "_build" / "html" / "book" / "generated" / "two.html").read_text()
+    assert book.runs() == ["one", "two"]
+    pipeline.build_book(book.profile, root=book.root)
+    assert book.runs() == ["one", "two"]  # nothing changed: nothing executed
+    _notebook(book.root / "notebooks" / "two.ipynb", "x = 1",
+              "with open('runs.log', 'a') as f:\n    f.write('two\\n')\nprint('two, changed', x)", title="two")
+    pipeline.build_book(book.profile, root=book.root)
+    assert book.runs() == ["one", "two", "two"]  # the changed source alone
+    assert "two, changed" in (book.root / "_build" / "html" / "book" / "generated" / "two.html").read_text()
+    monkeypatch.setattr(pipeline, "_package_digest", lambda: "another version of the package")
+    pipeline.build_book(book.profile, root=book.root)
+    assert book.runs() == ["one", "two", "two", "one", "two"]  # a changed package re-executes every notebook
+    pipeline.build_book(book.profile, root=book.root, force=True, only=["one"])
+    assert book.runs()[-1] == "one" and len(book.runs()) == 6  # --force, --only one
+
+
+def test_only_before_anything_ran_is_an_error(two_pages):
+    with pytest.raises(ProfileError, match="has not been executed yet"):
+        pipeline.build_book(two_pages.profile, root=two_pages.root, only=["one"])
+    assert not (two_pages.root / "_build").exists() and two_pages.runs() == []
+
+
+def test_a_failing_build_keeps_the_old_book_and_the_old_executed_notebooks(two_pages):
+    book = two_pages
+    pipeline.build_book(book.profile, root=book.root)
+    html = book.root / "_build" / "html"
+    pages = {p: p.read_bytes() for p in html.rglob("*.html")}
+    executed = (book.root / "book" / "generated" / "one.ipynb").read_bytes()
+    _notebook(book.root / "notebooks" / "one.ipynb", "x = 1", "print('one, new')", title="one")  # re-executes ...
+    (book.root / "intro.md").write_text("# Intro\n\nA broken reference: {ref}`no-such-label`.\n")  # ... -W fails
+    with pytest.raises(UnifiedDeltaError, match="jupyter-book build failed"):
+        pipeline.build_book(book.profile, root=book.root)
+    assert {p: p.read_bytes() for p in html.rglob("*.html")} == pages
+    assert (book.root / "book" / "generated" / "one.ipynb").read_bytes() == executed

@@ -173,8 +173,11 @@ def _hide_injected(path: Path) -> None:
 def build_html(root: Path) -> Path:
     """Run ``jupyter-book build -W`` in a staging folder; on success swap the HTML into ``_build/html``."""
     staging = root / "_build" / ".staging"
-    # Sphinx keeps the static files of an earlier build rather than overwrite them: copy them afresh.
-    shutil.rmtree(staging / "_build" / "html" / "_static", ignore_errors=True)
+    # Sphinx keeps the book's own static files from an earlier build rather than overwrite them: drop the stale ones.
+    for own in (root / "_static").glob("**/*") if (root / "_static").is_dir() else []:
+        built = staging / "_build" / "html" / "_static" / own.relative_to(root / "_static")
+        if own.is_file() and built.is_file() and built.read_bytes() != own.read_bytes():
+            built.unlink()
     cmd = [sys.executable, "-c", "from jupyter_book.cli.main import main; main()", "build", str(root), "--path-output", str(staging),
            "-W", "--keep-going"]
     proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
@@ -199,12 +202,21 @@ def build_book(profile: str = "tiny", only: list[str] | None = None, root: str |
     if missing:
         raise ProfileError(f"notebook(s) {', '.join(missing)} not in profile {prof['name']} (it lists: {', '.join(names)})")
     for run in runs:
-        if only and run.name not in only:
-            if not run.output.is_file():
-                raise ProfileError(f"notebook {run.name} has not been executed yet; run without --only first")
-            continue
-        execute(run, force=force, cwd=book_root)
-    return build_html(book_root)
+        if only and run.name not in only and not run.output.is_file():
+            raise ProfileError(f"notebook {run.name} has not been executed yet; run without --only first")
+    previous = {run.output: run.output.read_bytes() if run.output.is_file() else None for run in runs}
+    try:
+        for run in runs:
+            if not only or run.name in only:
+                execute(run, force=force, cwd=book_root)
+        return build_html(book_root)
+    except BaseException:  # a failing notebook or build: the executed notebooks of the good book come back too
+        for output, data in previous.items():
+            if data is None:
+                output.unlink(missing_ok=True)
+            elif not output.is_file() or output.read_bytes() != data:
+                atomic_write_bytes(output, data)
+        raise
 
 
 def _pair_status(pair) -> str:
