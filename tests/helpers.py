@@ -104,3 +104,23 @@ def unchanged(model: nn.Module, snap) -> bool:
     return now.keys() == snap.keys() and all(
         now[n] is p and now[n].detach().cpu().numpy().tobytes() == b and p.grad is None for n, (p, b) in snap.items()
     )
+
+
+def gpt2_pair(root: Path):
+    """(pre, post) GPT-2 checkpoints with their own BPE tokenizer: another architecture than the zoo's Llama."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from unifieddelta.tasks import generate
+    from unifieddelta.zoo.lm import train_tokenizer
+
+    tok = train_tokenizer(generate.pretraining_texts(200), 300)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=128, n_embd=32, n_layer=2, n_head=2,
+                                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+    for name, scale in (("pre", 0.0), ("post", 0.01)):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(scale * torch.randn_like(p))
+        model.save_pretrained(Path(root) / name)
+        tok.save_pretrained(Path(root) / name)
+    return Path(root) / "pre", Path(root) / "post"

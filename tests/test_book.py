@@ -112,3 +112,30 @@ BUILT = Path(os.environ.get("UNIFIEDDELTA_BOOK_HTML", REPO / "_build" / "html"))
 def test_built_book_in_a_browser():
     """``make check-book``: the book ``make book`` built."""
     _check_pages(BUILT)
+
+
+def test_a_chapter_runs_on_a_pair_of_another_architecture(tmp_path):
+    """The DARE chapter pointed at two GPT-2 checkpoints (pre/post): scored on the project's tasks with the pair's
+    own tokenizer."""
+    import papermill
+
+    from helpers import gpt2_pair
+
+    pre, post = gpt2_pair(tmp_path)
+    out = tmp_path / "dare.ipynb"
+    papermill.execute_notebook(str(REPO / "notebooks" / "dare.ipynb"), str(out), cwd=str(tmp_path), kernel_name="python3",
+                               parameters={"pre": str(pre), "post": str(post), "smoke": True}, progress_bar=False)
+    nb = nbformat.read(out, as_version=4)
+    assert not [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
+    from unifieddelta import chapters, experiments
+    from unifieddelta.tasks import task_names
+
+    params = {k: v["default"] for k, v in papermill.inspect_notebook(str(REPO / "notebooks" / "dare.ipynb")).items()}
+    import ast
+
+    params = {k: ast.literal_eval(v) for k, v in params.items()} | {"pre": str(pre), "post": str(post), "smoke": True}
+    plan = chapters.plan("dare", **params)
+    assert plan.stored() == (len(plan.trials), len(plan.trials))  # the notebook measured them all
+    table = experiments.table(plan.trials)
+    assert set(experiments.scores(table).task) == set(task_names())
+    assert {t.pair.kind for t in plan.trials} == {"lm"} and "pre -> post" in set(table.pair)

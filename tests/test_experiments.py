@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from helpers import gpt2_pair
 from unifieddelta import approx, deltas, experiments, losses
 from unifieddelta.errors import CheckpointError, InvalidParameterError
 
@@ -190,21 +191,7 @@ def test_dpo_and_vision_pairs(tmp_path):
 
 def test_checkpoint_pair_of_another_architecture(tmp_path):
     """Two GPT-2 checkpoints with their own tokenizer: measured on the project's tasks and held-out answers."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from unifieddelta.tasks import generate
-    from unifieddelta.zoo.lm import train_tokenizer
-
-    tok = train_tokenizer(generate.pretraining_texts(200), 300)
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=128, n_embd=32, n_layer=2, n_head=2,
-                                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
-    for name, scale in (("pre", 0.0), ("post", 0.01)):
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(scale * torch.randn_like(p))
-        model.save_pretrained(tmp_path / name)
-        tok.save_pretrained(tmp_path / name)
+    gpt2_pair(tmp_path)
     pair = experiments.pair(pre=str(tmp_path / "pre"), post=str(tmp_path / "post"))
     assert pair.kind == "lm" and pair.identity()["pre"]["files"]
     t = experiments.trial(pair, "dare", {"p": 0.5}, measure=ALL, limit=2, tasks=["ud_add", "ud_parity"])

@@ -204,3 +204,28 @@ def test_a_failing_build_keeps_the_old_book_and_the_old_executed_notebooks(two_p
         pipeline.build_book(book.profile, root=book.root)
     assert {p: p.read_bytes() for p in html.rglob("*.html")} == pages
     assert (book.root / "book" / "generated" / "one.ipynb").read_bytes() == executed
+
+
+@pytest.mark.parametrize("profile", pipeline.shipped_profiles())
+def test_dry_run_works_offline_for_every_shipped_profile(profile, capsys):
+    assert main(["book", "--profile", profile, "--dry-run", "--root", str(REPO)]) == 0
+    out = capsys.readouterr().out
+    for name in ("delta", "identity", "dare", "classification"):
+        assert f"\n{name}  (notebooks/{name}.ipynb)" in out
+    assert "parameters: " in out and "trials: " in out and "total: " in out
+    if profile == "paper":
+        assert "to fetch from the hub: meta-llama/Meta-Llama-3-8B" in out
+    else:
+        assert "tiny-lm" in out
+    assert not (REPO / "book" / "generated" / "never-written").exists()
+
+
+def test_dry_run_counts_what_the_store_holds(tmp_path, capsys):
+    from unifieddelta import chapters, experiments
+
+    runs = {r.name: r for r in pipeline.plan(pipeline.load_profile("smoke"), REPO)}
+    plan = chapters.plan("dare", **runs["dare"].resolved)
+    experiments.run(plan.trials[:2], store=tmp_path, progress=False)
+    text = pipeline.dry_run("smoke", root=REPO, store=tmp_path)
+    dare = text[text.index("\ndare  ("):text.index("\nclassification  (")]
+    assert f"trials: {len(plan.trials)} (2 in the store, {len(plan.trials) - 2} to compute)" in dare
