@@ -34,7 +34,7 @@ import os
 import platform
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -604,7 +604,6 @@ class Kind:
     default_tasks: Any  # (pair) -> list of task names
     loss_version: int = 1  # bumped when the kind's loss data change
     scores_version: int = 1
-    extra: dict = field(default_factory=dict)
 
 
 def _load_causal_lm(folder, device, dtype):
