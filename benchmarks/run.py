@@ -40,7 +40,7 @@ from unifieddelta import edits  # noqa: E402
 
 THREADS = 2
 GiB = 1 << 30
-TARGETS = {"dare": 0.25, "bitdelta": 0.3, "magnitude_trim": 0.1, "extrapolate": 0.5}  # fraction of copy speed, fp32
+TARGETS = {"dare": 0.25, "bitdelta": 0.3, "bitdelta_4bit": 0.05, "magnitude_trim": 0.1, "extrapolate": 0.5}  # fraction of copy speed, fp32
 P, KEEP, RANK, ALPHA = 0.9, 0.1, 64, 0.5  # DARE drop rate, trim's kept fraction, low rank, EXPO's alpha
 SKIPPED = "not timed with --quick"  # the naive 4-bit BitDelta's full sort: 5 s of the minute --quick has
 

@@ -147,3 +147,48 @@ def test_a_forked_child_makes_its_own_thread_pool(monkeypatch):
     monkeypatch.setattr(native, "_pool", (parent_pool, -1))
     assert same_bits(edits.dare(x, 0.5, generator=gen(7)), ref)
     assert native._pool[0] is not parent_pool
+
+
+def _blocks_reference(x, bits, scale):
+    """Multi-bit BitDelta in float64 by a stable sort: block j holds sorted positions ceil(j·n/B) .. ceil((j+1)·n/B) − 1."""
+    flat = x.reshape(-1).double()
+    n = flat.numel()
+    nblocks = min(2**bits, n)
+    values, order = torch.sort(flat.abs(), stable=True)
+    starts = [-(-j * n // nblocks) for j in range(nblocks + 1)]
+    out = torch.empty(n, dtype=torch.float64)
+    for j in range(nblocks):
+        out[order[starts[j]:starts[j + 1]]] = values[starts[j]:starts[j + 1]].mean() * scale
+    return (torch.sign(flat) * out).reshape(x.shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bits", [1, 3, 5, 9])
+def test_block_means_match_a_stable_sort(dtype, bits):
+    g = torch.Generator().manual_seed(bits)
+    x = (0.01 * torch.randn(600, 301, generator=g)).to(dtype)
+    x[0, :40] = 0.0  # zeros stay zero
+    x[1, :500 if bits < 9 else 50] = x[1, 0]  # a run of ties across block boundaries, placed in index order
+    got = native.block_means(x, bits, 1.25)
+    want = _blocks_reference(x, bits, 1.25)
+    tol = {torch.float32: 3e-7, torch.bfloat16: 8e-3}[dtype]
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=0)
+    assert got.dtype == dtype and (got[0, :40] == 0).all()
+
+
+def test_block_means_do_not_depend_on_threads_and_match_the_torch_path(monkeypatch):
+    x = 0.01 * torch.randn(700, 600, generator=torch.Generator().manual_seed(3))
+    runs = []
+    for threads in (1, 2, 3):
+        old = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            runs.append(edits.bitdelta(x, 4, scale=0.9))
+        finally:
+            torch.set_num_threads(old)
+    assert all(torch.equal(r, runs[0]) for r in runs)
+    slow = torch_path(lambda: edits.bitdelta(x, 4, scale=0.9), monkeypatch)
+    torch.testing.assert_close(runs[0], slow, rtol=2e-7, atol=0)
+    y = x.clone()
+    y[5, 5] = float("nan")
+    assert native.block_means(y, 4, 1.0) is None  # non-finite: the sort path decides

@@ -128,6 +128,110 @@ def dare(*, pair, pre, post, loss_data, tasks, limit, fewshot, seeds, ps, method
 
 
 @_chapter
+def kfamily(*, pair, pre, post, loss_data, tasks, limit, fewshot, seeds, ps, ks, vision_pairs, vision_seeds,
+            device, dtype, smoke, **_) -> list[Trial]:  # fmt: skip
+    """DARE's k-family over the p × k grid: the language pair at several seeds, each vision pair at ``vision_seeds``."""
+    grid = {"p": shrink(ps, smoke), "k": shrink(ks, smoke)}
+    p = _pair(pair, pre, post, smoke, loss_data)
+    m = _measure(tasks, limit, device, dtype, smoke, fewshot)
+    trials = experiments.references(p, measure=ALL, **m)
+    trials += experiments.grid(p, "dare", grid, seeds[:1] if smoke else seeds, measure=ALL, **m)
+    for name in shrink(vision_pairs, smoke):
+        v = experiments.pair(name, smoke=smoke)
+        vm = _measure(None, None, device, dtype, smoke)
+        trials += experiments.references(v, measure=ALL, **vm)
+        trials += experiments.grid(v, "dare", grid, vision_seeds[:1] if smoke else vision_seeds, measure=ALL, **vm)
+    return trials
+
+
+@_chapter
+def randomness(*, pair, pre, post, loss_data, tasks, limit, fewshot, seeds, ks, p_random, device, dtype, smoke,
+               **_) -> list[Trial]:  # fmt: skip
+    """The paper's Table 1: random (DARE's k-family at ``p_random``), sign-biased and product-biased edits per k."""
+    p = _pair(pair, pre, post, smoke, loss_data)
+    m = _measure(tasks, limit, device, dtype, smoke, fewshot)
+    ks = shrink(ks, smoke)
+    trials = experiments.references(p, measure=ALL, **m)
+    trials += experiments.grid(p, "dare", {"k": ks}, seeds[:1] if smoke else seeds, fixed={"p": p_random},
+                               measure=ALL, **m)  # fmt: skip
+    for method in ("sign_biased", "product_biased"):
+        trials += experiments.grid(p, method, {"k": ks}, measure=ALL, **m)
+    return trials
+
+
+def size_axis_pairs(sft_lrs: Sequence[float], widths: Sequence[int]) -> list[str]:
+    """Zoo names of the delta-size axis (the default width at each SFT learning rate) and the width family."""
+    from . import zoo
+
+    default = zoo.recipe_for("tiny-lm").sft_lr
+    names = ["tiny-lm" if lr == default else f"tiny-lm[sft_lr={lr!r}]" for lr in sft_lrs]
+    return names + [f"tiny-lm/{w}" for w in widths if w != zoo.DEFAULT_WIDTH]
+
+
+@_chapter
+def dare_works(*, sft_lrs, widths, tasks, limit, fewshot, seeds, ps, device, dtype, smoke, **_) -> list[Trial]:
+    """DARE over p on the delta-size axis (``sft_lrs`` at the default width) and the width family (``widths``):
+    where it stops working."""
+    m = _measure(tasks, limit, device, dtype, smoke, fewshot)
+    trials = []
+    for name in shrink(size_axis_pairs(sft_lrs, widths), smoke):
+        p = experiments.pair(name, smoke=smoke)
+        trials += experiments.references(p, measure=ALL, **m)
+        trials += experiments.grid(p, "dare", {"p": shrink(ps, smoke)}, seeds[:1] if smoke else seeds, measure=ALL, **m)
+    return trials
+
+
+@_chapter
+def bitdelta(*, pair, pre, post, loss_data, tasks, limit, fewshot, seeds, scales, bits, dare_ps, device, dtype,
+             smoke, **_) -> list[Trial]:  # fmt: skip
+    """BitDelta against DARE; the magnitude as a multiple of the mean (one magnitude, or random normal/uniform
+    magnitudes with that mean, at several seeds); magnitude bits (2^b equal-count blocks)."""
+    p = _pair(pair, pre, post, smoke, loss_data)
+    m = _measure(tasks, limit, device, dtype, smoke, fewshot)
+    seeds = seeds[:1] if smoke else seeds
+    trials = experiments.references(p, measure=ALL, **m)
+    trials += experiments.grid(p, "dare", {"p": shrink(dare_ps, smoke)}, seeds, measure=ALL, **m)
+    for magnitudes in ("mean", "normal", "uniform"):
+        trials += experiments.grid(p, "bitdelta", {"scale": shrink(scales, smoke)}, seeds,
+                                   fixed={"magnitudes": magnitudes}, measure=ALL, **m)  # fmt: skip
+    trials += experiments.grid(p, "bitdelta", {"bits": shrink(bits, smoke)}, measure=ALL, **m)
+    return trials
+
+
+@_chapter
+def structure(*, pair, pre, post, loss_data, tasks, limit, fewshot, seeds, fractions, device, dtype, smoke,
+              **_) -> list[Trial]:  # fmt: skip
+    """Low rank (a fraction of the rank) and magnitude trimming (a fraction of the entries) against DARE keeping
+    the same fraction of entries at random (p = 1 − fraction)."""
+    p = _pair(pair, pre, post, smoke, loss_data)
+    m = _measure(tasks, limit, device, dtype, smoke, fewshot)
+    fractions = shrink(fractions, smoke)
+    trials = experiments.references(p, measure=ALL, **m)
+    trials += experiments.grid(p, "low_rank", {"rank": [float(f) for f in fractions]}, measure=ALL, **m)
+    trials += experiments.grid(p, "magnitude_trim", {"keep": fractions}, measure=ALL, **m)
+    kept = [round(1.0 - f, 10) for f in fractions if f < 1.0]
+    trials += experiments.grid(p, "dare", {"p": kept}, seeds[:1] if smoke else seeds, measure=ALL, **m)
+    return trials
+
+
+@_chapter
+def expo(*, pair, dpo_pair, pre, post, loss_data, tasks, limit, fewshot, alphas_dpo, alphas, device, dtype,
+         smoke, **_) -> list[Trial]:  # fmt: skip
+    """EXPO: extrapolation along the DPO delta (the DPO loss) over ``alphas_dpo``; interpolation against
+    extrapolation over ``alphas`` on the SFT pair and on the DPO pair."""
+    m = _measure(tasks, limit, device, dtype, smoke, fewshot)
+    dpo = experiments.pair(dpo_pair, smoke=smoke)
+    sft = _pair(pair, pre, post, smoke, loss_data)
+    dpo_tasks = None if tasks is None else [*tasks, "preference"]
+    trials = experiments.grid(dpo, "extrapolate", {"alpha": shrink(alphas_dpo, smoke)}, measure=ALL,
+                              **{**m, "tasks": dpo_tasks})  # fmt: skip
+    trials += experiments.grid(dpo, "extrapolate", {"alpha": shrink(alphas, smoke)}, measure=ALL,
+                               **{**m, "tasks": dpo_tasks})  # fmt: skip
+    trials += experiments.grid(sft, "extrapolate", {"alpha": shrink(alphas, smoke)}, measure=ALL, **m)
+    return list(dict.fromkeys(trials))
+
+
+@_chapter
 def classification(*, chapters, smoke, **_) -> Plan:
     """Every trial the other chapters measure (``chapters``: notebook name -> its parameters, given by the
     profile), to be sorted by the sign of the term."""
@@ -255,12 +359,13 @@ def safe_until(frame, method: str, setting: str, *, tolerance: float = 0.02, pai
 
 #: The paper's classes, by the sign of the term (§4-6): its claim for each edit, where it makes one.
 PAPER_CLASS = {"dare": "competitive", "drop_only": "decreased", "bitdelta": "decreased", "low_rank": "decreased",
-               "magnitude_trim": "decreased"}
+               "magnitude_trim": "decreased", "sign_biased": "competitive", "product_biased": "decreased"}
 
 
 def paper_class(method: str, params: dict, kind: str) -> str | None:
     """The class the paper puts an edit in: competitive (term ≈ 0), decreased (> 0) or improved (< 0); None where
-    it makes no claim (interpolation, EXPO off alignment data, the identity)."""
+    it makes no claim (interpolation, EXPO off alignment data, the identity). DARE with any k (§4.2) and the
+    sign-biased edit (Table 1) keep performance; the product-biased edit (Table 1) destroys it."""
     if method == "extrapolate":
         return "improved" if params.get("alpha", 0) > 0 and kind == "dpo" else None
     return PAPER_CLASS.get(method)
@@ -329,3 +434,54 @@ def classify(frame, trials: Sequence[Trial], *, rule: str = "left", points: int 
     out["_value"] = [tuple(v for _, v in sorted(params[t].items()) if isinstance(v, (int, float)))
                      for t in out.pop("_trial")]  # settings in numeric order: p = 0.1, 0.2, ...
     return out.sort_values(["pair", "_order", "_value"]).drop(columns=["_order", "_value"]).reset_index(drop=True)
+
+
+def score_drops(frame, method: str = "dare", settings: Sequence[str] = ("p", "k")):
+    """Per pair and setting: the mean score drop against the pair's post-trained model (over tasks and seeds, in
+    share correct; > 0 is worse), beside the size of the edit, ‖D‖/‖ΔW‖ (mean over seeds)."""
+    import pandas as pd
+
+    trials = per_trial(frame)
+    rows = trials[trials.method == method]
+    out = rows.assign(drop=-rows.score_change, relative_d=rows.d_norm / _delta_norms(frame).reindex(rows.pair).to_numpy())
+    return out.groupby(["pair", *settings])[["drop", "relative_d", "term", "loss_change", "second_order"]].mean().reset_index()
+
+
+def _delta_norms(frame):
+    return frame[frame.quantity == "delta_norm"].groupby("pair")["value"].first()
+
+
+def rank_correlation(x, y) -> float:
+    """Spearman's ρ of two sequences (NaN pairs dropped)."""
+    import pandas as pd
+
+    both = pd.DataFrame({"x": list(x), "y": list(y)}).dropna()
+    return float(both.corr(method="spearman").iloc[0, 1]) if len(both) > 2 else math.nan
+
+
+def kfamily_pattern(drops) -> dict:
+    """The paper's pattern for the k-family, tested on one pair's drops (columns p, k, drop): does the drop grow
+    with |k| at each p (ρ(|k|, drop), averaged over p), does the spread over k grow with p (ρ(p, spread)), and is the
+    worst k at each p negative (the share of p at which it is)? Beside it, ρ of the drop with |1 − k|·√(p/(1−p)),
+    the size of D relative to ΔW that the variance argument predicts."""
+    by_p = drops.groupby("p")
+    with_k = [rank_correlation(g.k.abs(), g["drop"]) for _, g in by_p]
+    spread = by_p["drop"].agg(lambda d: d.max() - d.min())
+    worst = by_p.apply(lambda g: g.loc[g["drop"].idxmax(), "k"], include_groups=False)
+    predicted = (1 - drops.k).abs() * (drops.p / (1 - drops.p)) ** 0.5
+    return {"rho_abs_k": float(sum(with_k) / len(with_k)) if with_k else math.nan,
+            "rho_p_spread": rank_correlation(spread.index, spread.to_numpy()),
+            "negative_worst": float((worst < 0).mean()) if len(worst) else math.nan,
+            "rho_predicted": rank_correlation(predicted, drops["drop"]),
+            "rho_relative_d": rank_correlation(drops.relative_d, drops["drop"])}
+
+
+def first_order_scale(pair: Pair, device: str = "cpu", dtype: str = "float32") -> float:
+    """√Σ(ΔW_ij ∇_ij L)² at W_post on the pair's loss: DARE's first-order term ⟨∇L, D⟩ over masks has mean 0 and
+    standard deviation √(p/(1−p)) times this (the k-family: times |1 − k| more)."""
+    from . import deltas
+
+    session = experiments.Session(pair, device, dtype, False)
+    grad = session.gradient(None)
+    total = sum(float((d * grad[name].double()).pow(2).sum()) for name, d in deltas.iter_deltas(session.pre, session.post))
+    return math.sqrt(total)

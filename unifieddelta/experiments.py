@@ -634,7 +634,7 @@ def _tokenizer(session):
 #: Held-out (prompt, answer) pairs per project task for the NLL loss: the tasks' test questions with their answers.
 LM_LOSS_PER_TASK = 8
 DPO_LOSS_TRIPLES = 96
-VISION_LOSS_IMAGES = 400
+VISION_LOSS_IMAGES = 200
 
 
 def _project_pairs(tokenizer, per_task: int) -> list[tuple[list[int], list[int]]]:
@@ -777,7 +777,7 @@ KINDS: dict[str, Kind] = {
     "lm": Kind(_load_causal_lm, _lm_loss, _lm_scores, _lm_tasks),
     "dpo": Kind(_load_causal_lm, _dpo_loss, _dpo_scores, lambda pair: _lm_tasks(pair) + ["preference"]),
     "vision": Kind(_load_vision, _vision_loss, _vision_scores,
-                   lambda pair: [pair.zoo.partition("[")[0].partition("/")[2]]),
+                   lambda pair: [pair.zoo.partition("[")[0].partition("/")[2]], loss_version=2),  # 2: 200 images
 }
 
 

@@ -181,6 +181,50 @@ int64_t lastties_##S##_##W(const void *restrict x, int64_t n, double t, int64_t 
     return found;                                                                                          \
 }
 LASTTIES(f32, float) LASTTIES(bf16, float) LASTTIES(f64, double)
+
+/* multi-bit bitdelta: |x| as an order-preserving 32-bit key (float's bits; |x| >= 0), a radix selection in two
+   16-bit passes finds the block boundaries exactly, then each entry's block and the blocks' sums */
+static inline uint32_t key32(float a) { uint32_t u; memcpy(&u, &a, 4); return u; }
+#define HIST(S)                                                                                             \
+void hihist_##S(const void *restrict x, int64_t n, int64_t *restrict hist) {                               \
+    for (int64_t i = 0; i < n; i++) hist[key32(fabsf(ld_##S(x, i))) >> 16]++;                              \
+}                                                                                                          \
+void lohist_##S(const void *restrict x, int64_t n, const int16_t *restrict slot, int64_t *restrict hist) {  \
+    for (int64_t i = 0; i < n; i++) {                                                                      \
+        uint32_t k = key32(fabsf(ld_##S(x, i)));                                                           \
+        int16_t s = slot[k >> 16];                                                                         \
+        if (s >= 0) hist[(int64_t)s * 65536 + (k & 0xFFFFu)]++;                                            \
+    }                                                                                                      \
+}                                                                                                          \
+/* block = #{boundaries < |x|}: one lookup in lut (by the high 16 bits of the key) for entries whose high bits hold  \
+   no boundary, else a branch-free search over v padded with +inf to p - 1 entries (p a power of two). An entry  \
+   equal to a boundary is a tie (0xFFFF; its index, from the chunk's start, in ties[] while cap lasts), placed by \
+   the caller. Four interleaved sets of sums and counts (4 * p each) keep neighbours from waiting on each other. */\
+int64_t blocks_##S(const void *restrict x, int64_t n, const uint16_t *restrict lut, const float *restrict v,   \
+                   int64_t p, uint16_t *restrict block, double *restrict sums, int64_t *restrict counts,       \
+                   int64_t *restrict ties, int64_t cap) {                                                  \
+    int64_t nties = 0;                                                                                     \
+    for (int64_t i = 0; i < n; i++) {                                                                      \
+        float a = fabsf(ld_##S(x, i));                                                                     \
+        int64_t lo = lut[key32(a) >> 16];                                                                  \
+        if (lo == 0xFFFE) {                                                                                \
+            lo = 0;                                                                                        \
+            for (int64_t half = p >> 1; half > 0; half >>= 1) lo += v[lo + half - 1] < a ? half : 0;       \
+            if (v[lo] == a) { block[i] = 0xFFFF; if (nties < cap) ties[nties] = i; nties++; continue; }    \
+        }                                                                                                  \
+        block[i] = (uint16_t)lo; sums[(i & 3) * p + lo] += a; counts[(i & 3) * p + lo]++;                  \
+    }                                                                                                      \
+    return nties;                                                                                          \
+}                                                                                                          \
+void fill_##S(const void *restrict x, const uint16_t *restrict block, const float *restrict m, int64_t n,  \
+              void *restrict out) {                                                                        \
+    for (int64_t i = 0; i < n; i++) {                                                                      \
+        float v = ld_##S(x, i);                                                                            \
+        float s = v > 0 ? 1.0f : (v < 0 ? -1.0f : v);                                                      \
+        st_##S(out, i, s * m[block[i]]);                                                                   \
+    }                                                                                                      \
+}
+HIST(f32) HIST(bf16)
 """
 
 #: Tensors smaller than this run single-threaded (thread start-up would cost more than it saves).
@@ -248,6 +292,11 @@ def _declare(lib: ctypes.CDLL) -> None:
                     fn.argtypes, fn.restype = args, res
         fn = getattr(lib, f"abssum_{s}")
         fn.argtypes, fn.restype = [p, i64], f64
+        if s != "f64":
+            for name, args, res in ((f"hihist_{s}", [p, i64, p], None), (f"lohist_{s}", [p, i64, p, p], None),
+                                    (f"blocks_{s}", [p, i64, p, p, i64, p, p, p, p, i64], i64), (f"fill_{s}", [p, p, p, i64, p], None)):
+                fn = getattr(lib, name)
+                fn.argtypes, fn.restype = args, res
 
 
 def supports(*tensors: torch.Tensor) -> bool:
@@ -374,6 +423,87 @@ def last_ties(x: torch.Tensor, value: float, k: int) -> torch.Tensor:
     found = getattr(library(), f"lastties_{_code(x.dtype)}_{_ctype(x.dtype)}")(x.data_ptr(), x.numel(), value, k,
                                                                                 idx.data_ptr())  # fmt: skip
     return idx[:found]
+
+
+def block_means(x: torch.Tensor, bits: int, scale: float) -> torch.Tensor | None:
+    """Multi-bit BitDelta of a float32 or bfloat16 tensor: sorted by |x| (stably) into 2^bits equal-count blocks,
+    each entry at sign(x)·scale·(its block's mean |x|), as edits.bitdelta's sort does it, without the sort. The
+    block boundaries (2^bits − 1 order statistics) come from a radix selection on the bits of |x|, two 16-bit
+    histogram passes; a third pass gives each entry its block and sums the blocks (in double); entries equal to a
+    boundary value are placed in index order (the stable sort's order); a fourth pass writes the output. None when
+    x holds Inf or NaN. At most 15 bits (block numbers fit an int16 beside the tie marker)."""
+    import numpy as np
+
+    lib, code, n = library(), _code(x.dtype), x.numel()
+    flat = x.reshape(-1)
+    nblocks = min(1 << bits, n)
+    starts = [-(-j * n // nblocks) for j in range(nblocks + 1)]  # block j: sorted positions starts[j] .. starts[j+1]-1
+    ranks = starts[1:-1]  # the boundaries: the entries at these sorted positions
+    chunks = _chunks(n)
+    hist = torch.zeros(len(chunks), 65536, dtype=torch.int64)
+    _parallel(lambda a, b: getattr(lib, f"hihist_{code}")(_ptr(flat, a), b - a, hist[chunks.index((a, b))].data_ptr()), n)
+    high = hist.sum(0).numpy()
+    if high[0x7F80:].any():  # Inf or NaN: the caller's sort handles them
+        return None
+    below_high = np.concatenate([[0], np.cumsum(high)])
+    hbin = np.searchsorted(below_high, ranks, side="right") - 1  # the high-16 bin of each boundary rank
+    targets = sorted(set(hbin.tolist()))
+    slot = torch.full((65536,), -1, dtype=torch.int16)
+    slot[targets] = torch.arange(len(targets), dtype=torch.int16)
+    low = torch.zeros(len(chunks), len(targets) * 65536, dtype=torch.int64)
+    _parallel(lambda a, b: getattr(lib, f"lohist_{code}")(_ptr(flat, a), b - a, slot.data_ptr(),
+                                                         low[chunks.index((a, b))].data_ptr()), n)  # fmt: skip
+    low = low.sum(0).numpy().reshape(len(targets), 65536)
+    keys, below = [], []
+    for r, h in zip(ranks, hbin):
+        cum = below_high[h] + np.concatenate([[0], np.cumsum(low[targets.index(h)])])
+        lo16 = int(np.searchsorted(cum, r, side="right") - 1)
+        keys.append((int(h) << 16) | lo16)
+        below.append(int(cum[lo16]))  # entries with |x| below the boundary value
+    v = torch.tensor(np.array(keys, dtype=np.uint32).view(np.float32))
+    size = 1 << max(1, len(ranks)).bit_length()  # a power of two > len(ranks): the search's table, +inf padded
+    table = torch.full((size,), float("inf"), dtype=torch.float32)
+    table[: len(ranks)] = v
+    # blocks by the high 16 bits of |x|: a bin that holds no boundary lies within one block
+    lut = np.searchsorted(np.array(hbin), np.arange(65536), side="left").astype(np.uint16)
+    lut[np.unique(hbin)] = 0xFFFE  # a boundary inside: searched exactly
+    lut = torch.from_numpy(lut.view(np.int16))
+    block = torch.empty(n, dtype=torch.int16)
+    sums = torch.zeros(len(chunks), 4, size, dtype=torch.float64)
+    counts = torch.zeros(len(chunks), 4, size, dtype=torch.int64)
+    cap = 4 * len(ranks) + 1024
+    tie_index = torch.empty(len(chunks), cap, dtype=torch.int64)
+    fn = getattr(lib, f"blocks_{code}")
+
+    def assign(a, b):
+        i = chunks.index((a, b))
+        return fn(_ptr(flat, a), b - a, lut.data_ptr(), table.data_ptr(), size, _ptr(block, a), sums[i].data_ptr(),
+                  counts[i].data_ptr(), tie_index[i].data_ptr(), cap)  # fmt: skip
+
+    found = _parallel(assign, n)
+    sums, counts = sums.sum((0, 1))[:nblocks], counts.sum((0, 1))[:nblocks]
+    if sum(found):  # equal to a boundary value: the r-th such entry (index order) sits at sorted position below + r
+        if max(found) <= cap:
+            tied = torch.cat([tie_index[i, :k] + a for i, ((a, _), k) in enumerate(zip(chunks, found))])
+        else:  # many ties (a low-precision delta): find them all
+            tied = (block == -1).nonzero().squeeze(1)
+        mag = flat[tied].to(torch.float32).abs()
+        first_below = {}
+        for value, b in zip(v.tolist(), below):
+            first_below.setdefault(value, b)
+        position = torch.empty(len(tied), dtype=torch.int64)
+        for value, b in first_below.items():
+            where = (mag == value).nonzero().squeeze(1)
+            position[where] = b + torch.arange(len(where))
+        which = torch.searchsorted(torch.tensor(ranks), position, right=True)
+        block[tied] = which.to(torch.int16)
+        sums.index_add_(0, which, mag.to(torch.float64))
+        counts.index_add_(0, which, torch.ones_like(which))
+    means = ((sums / counts).to(torch.float32) * torch.tensor(scale, dtype=torch.float32)).contiguous()
+    out = torch.empty_like(flat)
+    fill = getattr(lib, f"fill_{code}")
+    _parallel(lambda a, b: fill(_ptr(flat, a), _ptr(block, a), means.data_ptr(), b - a, _ptr(out, a)), n)
+    return out.reshape(x.shape)
 
 
 if __name__ == "__main__":  # python -m unifieddelta.native: build the kernels now and say where they are
