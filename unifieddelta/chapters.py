@@ -439,7 +439,6 @@ def classify(frame, trials: Sequence[Trial], *, rule: str = "left", points: int 
 def score_drops(frame, method: str = "dare", settings: Sequence[str] = ("p", "k")):
     """Per pair and setting: the mean score drop against the pair's post-trained model (over tasks and seeds, in
     share correct; > 0 is worse), beside the size of the edit, ‖D‖/‖ΔW‖ (mean over seeds)."""
-    import pandas as pd
 
     trials = per_trial(frame)
     rows = trials[trials.method == method]
