@@ -46,5 +46,5 @@ def needs(available: bool, what: str, *, strict: str = "UNIFIEDDELTA_STRICT"):
     ``strict`` is set: then the test runs and fails. ``.ci/run`` sets UNIFIEDDELTA_STRICT, so the C kernels and the
     peft cross-checks can never silently skip in CI; ``make check-book`` sets UNIFIEDDELTA_REQUIRE_BROWSER."""
     if available or os.environ.get(strict):
-        return pytest.mark.usefixtures()  # run (and fail on the missing tool, if it is missing)
+        return pytest.mark.skipif(False, reason=what)  # run (and fail on the missing tool, if it is missing)
     return pytest.mark.skip(reason=f"{what} (set {strict}=1 to fail instead of skipping)")

@@ -434,16 +434,35 @@ def block_means(x: torch.Tensor, bits: int, scale: float) -> torch.Tensor | None
     x holds Inf or NaN. At most 15 bits (block numbers fit an int16 beside the tie marker)."""
     import numpy as np
 
-    lib, code, n = library(), _code(x.dtype), x.numel()
+    n = x.numel()
     flat = x.reshape(-1)
     nblocks = min(1 << bits, n)
     starts = [-(-j * n // nblocks) for j in range(nblocks + 1)]  # block j: sorted positions starts[j] .. starts[j+1]-1
     ranks = starts[1:-1]  # the boundaries: the entries at these sorted positions
-    chunks = _chunks(n)
+    found = _boundaries(flat, ranks)
+    if found is None:  # Inf or NaN: the caller's sort handles them
+        return None
+    v, below, hbin = found
+    block, sums, counts, tied = _assign_blocks(flat, v, hbin, nblocks)
+    if len(tied):  # equal to a boundary value: the r-th such entry (index order) sits at sorted position below + r
+        _place_ties(flat, tied, block, sums, counts, v, below, ranks)
+    means = ((sums / counts).to(torch.float32) * torch.tensor(scale, dtype=torch.float32)).contiguous()
+    out = torch.empty_like(flat)
+    fill = getattr(library(), f"fill_{_code(x.dtype)}")
+    _parallel(lambda a, b: fill(_ptr(flat, a), _ptr(block, a), means.data_ptr(), b - a, _ptr(out, a)), n)
+    return out.reshape(x.shape)
+
+
+def _boundaries(flat: torch.Tensor, ranks: list[int]):
+    """The |x| values at the sorted positions ``ranks`` (float32 tensor), the count of entries below each, and the
+    high-16-bit bin of each: a radix selection in two histogram passes. None when x holds Inf or NaN."""
+    import numpy as np
+
+    lib, code, n, chunks = library(), _code(flat.dtype), flat.numel(), _chunks(flat.numel())
     hist = torch.zeros(len(chunks), 65536, dtype=torch.int64)
     _parallel(lambda a, b: getattr(lib, f"hihist_{code}")(_ptr(flat, a), b - a, hist[chunks.index((a, b))].data_ptr()), n)
     high = hist.sum(0).numpy()
-    if high[0x7F80:].any():  # Inf or NaN: the caller's sort handles them
+    if high[0x7F80:].any():
         return None
     below_high = np.concatenate([[0], np.cumsum(high)])
     hbin = np.searchsorted(below_high, ranks, side="right") - 1  # the high-16 bin of each boundary rank
@@ -460,10 +479,19 @@ def block_means(x: torch.Tensor, bits: int, scale: float) -> torch.Tensor | None
         lo16 = int(np.searchsorted(cum, r, side="right") - 1)
         keys.append((int(h) << 16) | lo16)
         below.append(int(cum[lo16]))  # entries with |x| below the boundary value
-    v = torch.tensor(np.array(keys, dtype=np.uint32).view(np.float32))
-    size = 1 << max(1, len(ranks)).bit_length()  # a power of two > len(ranks): the search's table, +inf padded
+    return torch.tensor(np.array(keys, dtype=np.uint32).view(np.float32)), below, hbin
+
+
+def _assign_blocks(flat: torch.Tensor, v: torch.Tensor, hbin, nblocks: int):
+    """Each entry's block (int16; -1 where |x| equals a boundary value), each block's sum of |x| (double) and count
+    over the entries placed, and the indices of the entries left at -1: one pass with a lookup on the high 16 bits,
+    searched where a boundary lies."""
+    import numpy as np
+
+    n, chunks = flat.numel(), _chunks(flat.numel())
+    size = 1 << max(1, len(v)).bit_length()  # a power of two > len(v): the search's table, +inf padded
     table = torch.full((size,), float("inf"), dtype=torch.float32)
-    table[: len(ranks)] = v
+    table[: len(v)] = v
     # blocks by the high 16 bits of |x|: a bin that holds no boundary lies within one block
     lut = np.searchsorted(np.array(hbin), np.arange(65536), side="left").astype(np.uint16)
     lut[np.unique(hbin)] = 0xFFFE  # a boundary inside: searched exactly
@@ -471,9 +499,9 @@ def block_means(x: torch.Tensor, bits: int, scale: float) -> torch.Tensor | None
     block = torch.empty(n, dtype=torch.int16)
     sums = torch.zeros(len(chunks), 4, size, dtype=torch.float64)
     counts = torch.zeros(len(chunks), 4, size, dtype=torch.int64)
-    cap = 4 * len(ranks) + 1024
+    cap = 4 * len(v) + 1024
     tie_index = torch.empty(len(chunks), cap, dtype=torch.int64)
-    fn = getattr(lib, f"blocks_{code}")
+    fn = getattr(library(), f"blocks_{_code(flat.dtype)}")
 
     def assign(a, b):
         i = chunks.index((a, b))
@@ -481,29 +509,28 @@ def block_means(x: torch.Tensor, bits: int, scale: float) -> torch.Tensor | None
                   counts[i].data_ptr(), tie_index[i].data_ptr(), cap)  # fmt: skip
 
     found = _parallel(assign, n)
-    sums, counts = sums.sum((0, 1))[:nblocks], counts.sum((0, 1))[:nblocks]
-    if sum(found):  # equal to a boundary value: the r-th such entry (index order) sits at sorted position below + r
-        if max(found) <= cap:
-            tied = torch.cat([tie_index[i, :k] + a for i, ((a, _), k) in enumerate(zip(chunks, found))])
-        else:  # many ties (a low-precision delta): find them all
-            tied = (block == -1).nonzero().squeeze(1)
-        mag = flat[tied].to(torch.float32).abs()
-        first_below = {}
-        for value, b in zip(v.tolist(), below):
-            first_below.setdefault(value, b)
-        position = torch.empty(len(tied), dtype=torch.int64)
-        for value, b in first_below.items():
-            where = (mag == value).nonzero().squeeze(1)
-            position[where] = b + torch.arange(len(where))
-        which = torch.searchsorted(torch.tensor(ranks), position, right=True)
-        block[tied] = which.to(torch.int16)
-        sums.index_add_(0, which, mag.to(torch.float64))
-        counts.index_add_(0, which, torch.ones_like(which))
-    means = ((sums / counts).to(torch.float32) * torch.tensor(scale, dtype=torch.float32)).contiguous()
-    out = torch.empty_like(flat)
-    fill = getattr(lib, f"fill_{code}")
-    _parallel(lambda a, b: fill(_ptr(flat, a), _ptr(block, a), means.data_ptr(), b - a, _ptr(out, a)), n)
-    return out.reshape(x.shape)
+    if max(found) <= cap:
+        tied = torch.cat([tie_index[i, :k] + a for i, ((a, _), k) in enumerate(zip(chunks, found))])
+    else:  # many ties (a low-precision delta): find them all
+        tied = (block == -1).nonzero().squeeze(1)
+    return block, sums.sum((0, 1))[:nblocks], counts.sum((0, 1))[:nblocks], tied
+
+
+def _place_ties(flat, tied, block, sums, counts, v, below, ranks) -> None:
+    """The entries ``tied`` (equal to a boundary value, in index order) take the sorted positions a stable sort
+    gives them: their blocks are set and their |x| added to the blocks' sums and counts."""
+    mag = flat[tied].to(torch.float32).abs()
+    first_below = {}
+    for value, b in zip(v.tolist(), below):
+        first_below.setdefault(value, b)
+    position = torch.empty(len(tied), dtype=torch.int64)
+    for value, b in first_below.items():
+        where = (mag == value).nonzero().squeeze(1)
+        position[where] = b + torch.arange(len(where))
+    which = torch.searchsorted(torch.tensor(ranks), position, right=True)
+    block[tied] = which.to(torch.int16)
+    sums.index_add_(0, which, mag.to(torch.float64))
+    counts.index_add_(0, which, torch.ones_like(which))
 
 
 if __name__ == "__main__":  # python -m unifieddelta.native: build the kernels now and say where they are
