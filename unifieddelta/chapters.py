@@ -232,6 +232,29 @@ def expo(*, pair, dpo_pair, pre, post, loss_data, tasks, limit, fewshot, alphas_
 
 
 @_chapter
+def minilm(*, pair, pre, post, compare, tasks, limit, loss_pairs, seeds, dare_ps, drop_ps, bits, ranks, keeps,
+           alphas, device, dtype, smoke, **_) -> Plan:  # fmt: skip
+    """The paper's edits on a real delta nobody here trained (``minilm-sre``, or pre/post sentence encoders): DARE
+    over p at several masks, drop-only, BitDelta, low rank, trimming, extrapolation and interpolation; the term, the
+    exact change and the embedding scores on held-out SRE paraphrases (``loss_pairs`` of them in the loss, ``limit``
+    in the scores; None: all). ``compare``: zoo pairs shown beside it for the delta's size. Smoke: DARE's first and
+    last p, the last value of every other grid, 8 pairs in the loss and 16 in the scores."""
+    p = experiments.pair(pre=pre, post=post, kind="embedding") if pre or post else experiments.pair(pair)
+    m = dict(measure=("term", "loss_change", "scores"), tasks=tasks, loss_examples=8 if smoke else loss_pairs,
+             limit=16 if smoke else limit, device=device, dtype=dtype)  # fmt: skip
+    seeds = seeds[:1] if smoke else seeds
+    last = (lambda values: list(values)[-1:]) if smoke else list  # smoke: each other edit once (3 s a trial)
+    trials = experiments.references(p, **m)
+    trials += experiments.grid(p, "dare", {"p": shrink(dare_ps, smoke)}, seeds, **m)
+    trials += experiments.grid(p, "drop_only", {"p": last(drop_ps)}, seeds[:1], **m)
+    trials += experiments.grid(p, "bitdelta", {"bits": last(bits)}, **m)
+    trials += experiments.grid(p, "low_rank", {"rank": [float(r) for r in last(ranks)]}, **m)
+    trials += experiments.grid(p, "magnitude_trim", {"keep": last(keeps)}, **m)
+    trials += experiments.grid(p, "extrapolate", {"alpha": last(alphas)}, **m)
+    return Plan("minilm", list(dict.fromkeys(trials)), [p, *(experiments.pair(c, smoke=smoke) for c in compare)])
+
+
+@_chapter
 def classification(*, chapters, smoke, **_) -> Plan:
     """Every trial the other chapters measure (``chapters``: notebook name -> its parameters, given by the
     profile), to be sorted by the sign of the term."""
@@ -484,3 +507,62 @@ def first_order_scale(pair: Pair, device: str = "cpu", dtype: str = "float32") -
     grad = session.gradient(None)
     total = sum(float((d * grad[name].double()).pow(2).sum()) for name, d in deltas.iter_deltas(session.pre, session.post))
     return math.sqrt(total)
+
+
+def relative_size(pair: Pair) -> float:
+    """‖ΔW‖ / ‖W_pre‖ over every tensor the pair's delta covers, as one vector: the size of the whole delta."""
+    from . import deltas
+    from .checkpoints import open_checkpoint
+
+    pre, post = pair.folders()
+    change = base = 0.0
+    with open_checkpoint(pre) as side:
+        for name, d in deltas.iter_deltas(pre, post):
+            change += float(d.pow(2).sum())
+            base += float(side.get(name).double().pow(2).sum())
+    return math.sqrt(change / base) if base else math.nan
+
+
+def layer_of(name: str) -> str:
+    """``layer 3`` for a tensor of an encoder's or decoder's block N = 3, else the first part of its name."""
+    import re
+
+    found = re.search(r"\.(?:layer|layers|h)\.(\d+)\.", name)
+    return f"layer {found.group(1)}" if found else name.split(".")[0]
+
+
+def paraphrase_check(pair: Pair, split: str = "fit", n: int | None = None, device: str = "cpu",
+                     dtype: str = "float32"):  # fmt: skip
+    """Pre and post of an embedding pair on SRE paraphrase pairs of ``split``: the loss (mean 1 − cos), retrieval
+    accuracy, the mean cosine of a sentence with its paraphrase and with an unrelated sentence (the next pair's)."""
+    import pandas as pd
+    import torch
+    from transformers import AutoTokenizer
+
+    from .evaluate import embed, retrieval_hits
+    from .tasks import sre
+
+    pairs = sre.pairs(split, n=n)
+    sides = dict(zip(("pre", "post"), pair.folders()))
+    tokenizer = AutoTokenizer.from_pretrained(sides["post"])
+    rows = {}
+    for side, folder in sides.items():
+        model = experiments.KINDS["embedding"].load(folder, device, getattr(torch, dtype))
+        e = embed(model, tokenizer, [p["a"] for p in pairs] + [p["b"] for p in pairs]).double()
+        a, b = e[: len(pairs)], e[len(pairs):]
+        cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
+        other = torch.nn.functional.cosine_similarity(a, b.roll(1, 0), dim=-1)
+        rows[side] = {"loss": float((1 - cos).mean()), "retrieval": float(retrieval_hits(a, b).double().mean()),
+                      "cos paraphrase": float(cos.mean()), "cos unrelated": float(other.mean())}
+    return pd.DataFrame(rows).T
+
+
+def entries_at_least(pair: Pair, threshold: float) -> tuple[int, int]:
+    """(entries of the pair's delta with |ΔW_ij| ≥ ``threshold``, all its entries), counted exactly."""
+    from . import deltas
+
+    big = total = 0
+    for _, d in deltas.iter_deltas(pair.folders()[0], pair.folders()[1]):
+        big += int((d.abs() >= threshold).sum())
+        total += d.numel()
+    return big, total

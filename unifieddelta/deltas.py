@@ -141,7 +141,8 @@ def _pairable(pre, post):
 def plan(pre: Checkpoint, post: Checkpoint, *, include=None, exclude=None, preset: str = "all") -> list[Entry]:
     """Pair the two sides tensor by tensor, from headers only, raising before any tensor is read or written.
 
-    Tensors only one side has are kept from post (with a warning); embedding matrices that grew (added tokens)
+    Tensors only post has are kept from post (with a warning); floating-point tensors only pre has are ignored (with
+    a warning), integer buffers only pre has silently; embedding matrices that grew (added tokens)
     are edited on the shared rows (with a warning); any other shape mismatch is a ``MismatchError``.
     """
     selected = _selector(include, exclude, preset)
@@ -168,7 +169,9 @@ def plan(pre: Checkpoint, post: Checkpoint, *, include=None, exclude=None, prese
             entries.append(Entry(name, "grown", rows=old[0]))
         else:
             raise MismatchError(f"tensor {name!r}: shape {old} in pre but {shape} in post")
-    pre_only = sorted(set(pre.shapes) - set(post.shapes))
+    # an integer buffer only pre stores (BERT's embeddings.position_ids, which newer transformers stop saving) is
+    # no weight and no delta: ignored without a word; a floating-point tensor post lacks is worth a warning
+    pre_only = sorted(n for n in set(pre.shapes) - set(post.shapes) if pre.dtypes.get(n) is not None)
     if post_only:
         warnings.warn(f"kept from post, pre lacks them: {', '.join(post_only)}", UserWarning, stacklevel=3)
     if pre_only:

@@ -161,3 +161,58 @@ def accuracy(model, images, labels, *, batch_size: int = 256) -> float:
     finally:
         model.train(was_training)
     return correct / len(labels)
+
+
+# ---------------------------------------------------------------------------------------------- sentence embeddings
+
+#: The scores of an embedding pair: paraphrase retrieval, and agreement with the post-trained model's embeddings.
+EMBEDDING_TASKS = ("sre_retrieval", "sre_agreement")
+
+
+@torch.no_grad()
+def embed(model, tokenizer, sentences, *, batch_size: int = 128) -> torch.Tensor:
+    """Mean-pooled embeddings of ``sentences`` (one row each, float32 or wider), in eval mode, without gradients."""
+    from .losses import sentence_embeddings, tokenize_sentences
+
+    was_training = model.training
+    model.eval()
+    try:
+        sentences = list(sentences)
+        return torch.cat([sentence_embeddings(model, tokenize_sentences(tokenizer, sentences[i:i + batch_size])).cpu()
+                          for i in range(0, len(sentences), batch_size)])  # fmt: skip
+    finally:
+        model.train(was_training)
+
+
+def retrieval_hits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """For row i of ``a``: is row i of ``b`` its nearest row of ``b`` by cosine, and the same from ``b`` to ``a``:
+    2n booleans (a's queries, then b's)."""
+    sim = torch.nn.functional.normalize(a.double(), dim=-1) @ torch.nn.functional.normalize(b.double(), dim=-1).T
+    target = torch.arange(len(a))
+    return torch.cat([sim.argmax(1) == target, sim.argmax(0) == target])
+
+
+def embedding_scores(model, tokenizer, pairs, tasks=EMBEDDING_TASKS, *,
+                     reference: torch.Tensor | None = None) -> list[dict]:  # fmt: skip
+    """Scores of an encoder on paraphrase pairs (a, b): ``sre_retrieval`` (acc: the share of the 2n sentences
+    whose nearest sentence of the other side is their paraphrase) and ``sre_agreement`` (cosine: the mean cosine
+    between its embeddings of the 2n sentences and ``reference``, the post-trained model's, in the order a's, b's)."""
+    unknown = sorted(set(tasks) - set(EMBEDDING_TASKS))
+    if unknown:
+        raise InvalidParameterError(f"unknown task(s) {', '.join(unknown)} for an embedding pair; known: "
+                                    f"{', '.join(EMBEDDING_TASKS)}")
+    if not pairs:
+        raise InvalidParameterError("no pairs to score")
+    e = embed(model, tokenizer, [a for a, _ in pairs] + [b for _, b in pairs])
+    n, rows = len(pairs), []
+    if "sre_retrieval" in tasks:
+        acc = float(retrieval_hits(e[:n], e[n:]).double().mean())
+        rows.append(dict(task="sre_retrieval", metric="acc", filter="none", value=acc,
+                         stderr=(acc * (1 - acc) / (2 * n)) ** 0.5))
+    if "sre_agreement" in tasks:
+        if reference is None or reference.shape != e.shape:
+            raise InvalidParameterError(f"sre_agreement needs the post-trained model's {tuple(e.shape)} embeddings")
+        cos = torch.nn.functional.cosine_similarity(e.double(), reference.double(), dim=-1)
+        rows.append(dict(task="sre_agreement", metric="cosine", filter="none", value=float(cos.mean()),
+                         stderr=float(cos.std() / len(cos) ** 0.5)))
+    return rows

