@@ -15,7 +15,8 @@ from conftest import needs
 from unifieddelta import pipeline
 
 REPO = Path(__file__).resolve().parents[1]
-CHAPTERS = ["delta", "identity", "dare", "kfamily", "randomness", "dare_works", "classification"]
+CHAPTERS = ["delta", "identity", "dare", "kfamily", "randomness", "dare_works", "bitdelta", "structure", "expo",
+            "minilm", "classification"]
 BROWSER = needs(chromium() is not None, "no Chromium on this machine (apt-get install chromium)",
                 strict="UNIFIEDDELTA_REQUIRE_BROWSER")
 
