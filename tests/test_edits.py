@@ -300,6 +300,32 @@ def test_extrapolate_matches_loop(alpha):
     assert torch.equal(edits.extrapolate(delta, alpha), ref)
 
 
+# --- the Gaussian perturbation ------------------------------------------------------------------------------
+
+
+def test_gaussian_noise_has_the_asked_size_and_no_direction():
+    delta = rand(400, 500, seed=31, dtype=torch.float64)
+    d = edits.gaussian(delta, 0.25, generator=gen(3)) - delta
+    rms = delta.pow(2).mean().sqrt()
+    z = (d / (0.25 * rms)).flatten()
+    # 200k standard normal draws: mean within 5 standard errors of 0, variance within 1%, no correlation with delta
+    assert abs(z.mean().item()) < 5 / len(z) ** 0.5
+    assert abs(z.var().item() - 1.0) < 0.01
+    assert abs(torch.corrcoef(torch.stack([z, delta.flatten()]))[0, 1].item()) < 5 / len(z) ** 0.5
+    assert abs(torch.linalg.norm(d).item() / torch.linalg.norm(delta).item() - 0.25) < 0.0025
+
+
+def test_gaussian_is_seeded_exact_at_zero_and_checks_sigma():
+    delta = rand(30, 20, seed=32)
+    assert torch.equal(edits.gaussian(delta, 0.5, generator=gen(1)), edits.gaussian(delta, 0.5, generator=gen(1)))
+    assert not torch.equal(edits.gaussian(delta, 0.5, generator=gen(1)), edits.gaussian(delta, 0.5, generator=gen(2)))
+    assert torch.equal(edits.gaussian(delta, 0.0, generator=gen(1)), delta)
+    assert torch.equal(edits.gaussian(torch.zeros(4, 4), 1.0, generator=gen(1)), torch.zeros(4, 4))
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(InvalidParameterError, match="sigma"):
+            edits.gaussian(delta, bad, generator=gen(1))
+
+
 # --- dtypes, purity, registry -------------------------------------------------------------------------------
 
 ALL_EDITS = {
@@ -310,13 +336,14 @@ ALL_EDITS = {
     "low_rank": lambda d, g: edits.low_rank(d, 0.5),
     "magnitude_trim": lambda d, g: edits.magnitude_trim(d, 0.3),
     "extrapolate": lambda d, g: edits.extrapolate(d, 0.4),
+    "gaussian": lambda d, g: edits.gaussian(d, 0.3, generator=g),
     "sign_biased": lambda d, g: edits.sign_biased(d, 0.7),
     "product_biased": lambda d, g: edits.product_biased(d, torch.ones_like(d), 0.7),
 }
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("name", ["dare", "bitdelta", "low_rank", "extrapolate", "sign_biased"])
+@pytest.mark.parametrize("name", ["dare", "bitdelta", "low_rank", "extrapolate", "sign_biased", "gaussian"])
 def test_half_precision_is_computed_in_float32(name, dtype):
     delta = rand(6, 5, seed=25, dtype=dtype)
     got = ALL_EDITS[name](delta, gen(1))
@@ -373,11 +400,12 @@ def test_property_magnitude_trim_count_and_threshold(n, keep, seed):
 
 def test_registry_declares_what_the_driver_needs():
     assert set(edits.EDITS) == {"dare", "drop_only", "bitdelta", "low_rank", "magnitude_trim", "extrapolate",
-                                "sign_biased", "product_biased"}
+                                "sign_biased", "product_biased", "gaussian"}
     assert all(edits.EDITS[name].fn.__name__ == name for name in edits.EDITS)
     seeded = {m for m, s in edits.EDITS.items() if s.seeded(edits.with_defaults(m, {"p": 0.5, "keep": 0.5, "rank": 1,
-                                                                                  "alpha": 0.1, "k": 0.5}))}
-    assert seeded == {"dare", "drop_only"}  # BitDelta draws only for random magnitudes
+                                                                                  "alpha": 0.1, "k": 0.5,
+                                                                                  "sigma": 0.1}))}
+    assert seeded == {"dare", "drop_only", "gaussian"}  # BitDelta draws only for random magnitudes
     assert edits.spec("bitdelta").seeded({"magnitudes": "uniform"})
     assert {m for m, s in edits.EDITS.items() if s.entrywise} == {"dare", "drop_only", "extrapolate"}
     assert {m for m, s in edits.EDITS.items() if s.needs_grad} == {"product_biased"}

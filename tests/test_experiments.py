@@ -244,3 +244,34 @@ def test_the_dpo_margins_and_loss_agree():
     want = float(torch.nn.functional.softplus(-margins).mean())
     with torch.no_grad():
         assert float(loss(model)) == pytest.approx(want, rel=1e-10)
+
+
+def test_a_zoo_language_pair_takes_its_loss_on_some_of_its_tasks(lm, tmp_path):
+    """``loss_data="task:…"``: the NLL of those tasks' held-out answers only, a pair of its own in the store. With
+    the same examples per task, the six one-task losses weighted by their counts are the whole loss; unknown tasks and
+    other kinds say what is accepted."""
+    from transformers import AutoModelForCausalLM
+
+    from unifieddelta.tasks import generate
+
+    one = experiments.pair("tiny-lm", smoke=True, loss_data="task:ud_add")
+    assert one.name == "tiny-lm (smoke) (loss: ud_add)" and one.identity() != lm.identity()
+    model = AutoModelForCausalLM.from_pretrained(lm.folders()[1]).eval()
+
+    def loss_of(p):
+        return experiments.KINDS["lm"].loss(experiments.Session(p, "cpu", "float32", False), None)
+
+    whole = loss_of(lm)
+    parts = [loss_of(experiments.pair("tiny-lm", smoke=True, loss_data=f"task:{t}")) for t in generate.TASKS]
+    assert sum(p.total for p in parts) == whole.total
+    with torch.no_grad():
+        weighted = sum(p.total * float(p(model)) for p in parts) / whole.total
+        assert weighted == pytest.approx(float(whole(model)), rel=1e-5)
+        assert len({round(float(p(model)), 6) for p in parts}) > 1  # the tasks' losses differ: each is its own data
+    t = experiments.trial(one, "gaussian", {"sigma": 0.1}, measure=("term", "loss_change"))
+    table = experiments.run([t], store=tmp_path, progress=False)
+    assert set(table.pair) == {one.name} and table[table.quantity == "term"].value.notna().all()
+    with pytest.raises(InvalidParameterError, match="unknown task"):
+        experiments.pair("tiny-lm", smoke=True, loss_data="task:nope")
+    with pytest.raises(InvalidParameterError, match="task:NAME"):
+        experiments.pair("tiny-vit/rot90", smoke=True, loss_data="task:ud_add")

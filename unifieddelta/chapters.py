@@ -264,6 +264,26 @@ def classification(*, chapters, smoke, **_) -> Plan:
     return Plan("classification", list(dict.fromkeys(trials)))
 
 
+@_chapter
+def predicts(*, chapters, pair, tasks, limit, fewshot, sigmas, noise_seeds, loss_tasks, edits, device, dtype, smoke,
+             **_) -> Plan:  # fmt: skip
+    """What the term predicts: every trial the other chapters measure (``chapters``, as for the classification),
+    Gaussian perturbations D of growing relative size ``sigmas`` on ``pair`` (term, exact change, scores), and
+    ``edits`` with the term taken on one task's held-out data at a time (``loss_tasks``)."""
+    trials = classification(chapters=chapters, smoke=smoke).trials
+    p = experiments.pair(pair, smoke=smoke)
+    m = _measure(tasks, limit, device, dtype, smoke, fewshot)
+    trials += experiments.references(p, measure=ALL, **m)
+    trials += experiments.grid(p, "gaussian", {"sigma": shrink(sigmas, smoke)}, shrink(noise_seeds, smoke),
+                               measure=("term", "loss_change", "scores"), **m)  # fmt: skip
+    for task in shrink(loss_tasks, smoke):
+        q = experiments.pair(pair, smoke=smoke, loss_data=f"task:{task}")
+        for method, params in _edits(edits):
+            trials.append(experiments.trial(q, method, params, measure=("term", "loss_change"), device=device,
+                                            dtype=dtype))  # fmt: skip
+    return Plan("predicts", list(dict.fromkeys(trials)))
+
+
 # ---------------------------------------------------------------------------------------------- summaries
 
 
@@ -337,6 +357,37 @@ def per_trial(frame, pair: str | None = None):
             changes[trial] = float((rows.value.to_numpy() - post[rows.task].to_numpy()).mean()) if len(rows) else math.nan
     out["score_change"] = pd.Series(changes)
     return out.reset_index()
+
+
+def task_changes(frame):
+    """One row per trial and task: the score change against post on that task (the pair's own reference trial),
+    with the trial's term (left, C = 5), first-order term, exact change and ‖D‖ beside it."""
+    s = experiments.scores(frame)
+    rows = per_trial(frame).set_index("trial")
+    out = []
+    for name, group in s.groupby("pair"):
+        post = reference_scores(frame, name)["post"]
+        group = group[group.task.isin(post.index)]
+        out.append(group.assign(score_change=group.value.to_numpy() - post[group.task].to_numpy()))
+    if not out:
+        return rows.iloc[:0]
+    import pandas as pd
+
+    changes = pd.concat(out)[["trial", "task", "score_change"]]
+    keep = [c for c in ("pair", "method", "edit", "seed", "term", "first_order", "loss_change", "d_norm", "loss")
+            if c in rows]  # fmt: skip
+    return changes.join(rows[keep], on="trial")
+
+
+def cheapest_rules(errors, budgets=(0.1, 0.01, 0.001)):
+    """For each relative error budget: the (rule, points) with the fewest points whose worst error over the edits
+    of ``errors`` (``rule_errors``) is within it, and that worst error; None where no rule measured meets it."""
+    worst = errors.groupby(["rule", "points"])["error"].max().reset_index().sort_values(["points", "error"])
+    out = {}
+    for budget in budgets:
+        ok = worst[worst.error <= budget]
+        out[budget] = None if ok.empty else (ok.iloc[0].rule, int(ok.iloc[0].points), float(ok.iloc[0].error))
+    return out
 
 
 def rule_errors(frame):

@@ -18,7 +18,8 @@ in one fused pass (the mask is never materialised), which gives the same bits (`
 Where each formula lives: DARE and its k-family (paper Eqs. 2-3, §4.2) :func:`dare`; drop-only :func:`drop_only`;
 Table 1 :func:`sign_biased`, :func:`product_biased`; BitDelta and its multi-bit and random-magnitude extensions
 (Eqs. 7-8, §5.3) :func:`bitdelta`; Twin-Merging's SVD (Eq. 10) :func:`low_rank`; TIES' trim (Eq. 10)
-:func:`magnitude_trim`; EXPO and interpolation (Eqs. 13-14) :func:`extrapolate`. The registry at the end
+:func:`magnitude_trim`; EXPO and interpolation (Eqs. 13-14) :func:`extrapolate`; a random perturbation of a given
+size, no method of the paper but the test of what the term predicts, :func:`gaussian`. The registry at the end
 (:data:`EDITS`) says what the checkpoint driver needs to know about each.
 """
 
@@ -489,6 +490,22 @@ def extrapolate(delta: torch.Tensor, alpha: float) -> torch.Tensor:
     return _work(delta) * (1.0 + alpha)
 
 
+def gaussian(delta: torch.Tensor, sigma: float, *, generator: torch.Generator | None = None) -> torch.Tensor:
+    """F(Δ) = Δ + σ·rms(Δ)·Z, Z ~ N(0, 1) per entry: D is Gaussian noise with E‖D‖² = σ²‖Δ‖², a random edit whose
+    size is set relative to the delta and whose direction carries no information (the book's perturbation test of
+    the term). A tensor the post-training left unchanged (rms 0) stays unchanged; σ = 0 gives Δ bit for bit."""
+    sigma = _finite("sigma", sigma)
+    if sigma < 0:
+        raise InvalidParameterError(f"sigma must be >= 0, got {sigma!r}")
+    _check_float(delta)
+    work = _work(delta)
+    if sigma == 0 or work.numel() == 0:
+        return delta.clone()
+    rms = torch.linalg.vector_norm(work.double()) / math.sqrt(work.numel())
+    noise = _draw(torch.randn, work, generator).to(work.dtype)
+    return (work + noise.mul_(float(sigma * rms))).to(delta.dtype)
+
+
 def sign_biased(delta: torch.Tensor, k: float) -> torch.Tensor:
     """F(Δ) = k·Δ where Δ < 0, (1−k·p)/(1−p)·Δ elsewhere, p = fraction of negative entries (Table 1, middle)."""
     mask = delta < 0
@@ -579,6 +596,7 @@ EDITS: dict[str, EditSpec] = {
         EditSpec(low_rank, fits=_low_rank_fits),
         EditSpec(magnitude_trim),
         EditSpec(extrapolate, entrywise=True, fused=_extrapolate_fused),
+        EditSpec(gaussian, seeded=_seeded),  # not entry-wise: its scale is the whole tensor's rms
         EditSpec(sign_biased),
         EditSpec(product_biased, needs_grad=True),
     ]

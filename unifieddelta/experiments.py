@@ -126,9 +126,29 @@ def pair(name: str | None = None, *, pre: str | None = None, post: str | None = 
     zoo.recipe_for(name, smoke=smoke)  # raises for an unknown name
     base = zoo.split_name(name)[0]
     guessed = "dpo" if base == "tiny-lm-dpo" else "vision" if base.startswith("tiny-vit/") else "lm"
-    if loss_data:
-        raise InvalidParameterError("loss_data is for checkpoint pairs; a zoo pair brings its own held-out data")
-    return Pair(name + (" (smoke)" if smoke else ""), kind or guessed, zoo=name, smoke=smoke)
+    label = name + (" (smoke)" if smoke else "")
+    if loss_data:  # a zoo language pair's loss on some of its own tasks' held-out data: ``task:ud_add[,ud_max]``
+        tasks = _loss_tasks(loss_data) if (kind or guessed) == "lm" else None
+        if tasks is None:
+            raise InvalidParameterError(f"loss_data {loss_data!r}: a zoo pair brings its own held-out data; a zoo "
+                                        "language pair takes task:NAME[,NAME] (some of its tasks' held-out answers)")
+        label += f" (loss: {', '.join(tasks)})"
+        loss_data = "task:" + ",".join(tasks)
+    return Pair(label, kind or guessed, zoo=name, smoke=smoke, loss_data=loss_data or "")
+
+
+def _loss_tasks(spec: str) -> list[str] | None:
+    """``task:ud_add,ud_max`` -> the project's task names (checked), or None for another kind of loss data."""
+    if not spec.startswith("task:"):
+        return None
+    from .tasks import generate
+
+    names = [t.strip() for t in spec[5:].split(",") if t.strip()]
+    unknown = [t for t in names if t not in generate.TASKS]
+    if unknown or not names:
+        raise InvalidParameterError(f"loss_data {spec!r}: unknown task(s) {', '.join(unknown) or '(none given)'}; "
+                                    f"known: {', '.join(generate.TASKS)}")
+    return names
 
 
 @dataclass(frozen=True)
@@ -688,13 +708,13 @@ DPO_LOSS_TRIPLES = 96
 VISION_LOSS_IMAGES = 200
 
 
-def _project_pairs(tokenizer, per_task: int) -> list[tuple[list[int], list[int]]]:
-    """The project's held-out questions (the test items of each task, never trained on) and their answers, in the
-    SFT format: ``Question: …\\nAnswer:`` then `` answer`` and the end-of-sequence token."""
+def _project_pairs(tokenizer, per_task: int, tasks=None) -> list[tuple[list[int], list[int]]]:
+    """The project's held-out questions (the test items of each task, never trained on; ``tasks``: some of them)
+    and their answers, in the SFT format: ``Question: …\\nAnswer:`` then `` answer`` and the end-of-sequence token."""
     from .tasks import generate
 
     out = []
-    for task in generate.TASKS:
+    for task in tasks or generate.TASKS:
         for doc in generate.test_docs(task)[:per_task]:
             answer = tokenizer(" " + doc["answer"], add_special_tokens=False)["input_ids"]
             out.append((tokenizer(generate.prompt(doc["question"]))["input_ids"], answer + [tokenizer.eos_token_id]))
@@ -744,10 +764,13 @@ def _question_prompt(question: str) -> str:
 
 def _lm_loss(session, examples):
     tok = _tokenizer(session)
+    per_task = examples or (2 if session.pair.smoke else LM_LOSS_PER_TASK)
+    tasks = _loss_tasks(session.pair.loss_data)
+    if tasks:  # a zoo pair's loss on some of its tasks only
+        return losses.causal_lm_nll(_project_pairs(tok, per_task, tasks), batch_size=8)
     if session.pair.loss_data:
         return losses.causal_lm_nll(_named_pairs(session.pair.loss_data, examples), tok, batch_size=8,
                                     max_length=512)  # fmt: skip
-    per_task = examples or (2 if session.pair.smoke else LM_LOSS_PER_TASK)
     return losses.causal_lm_nll(_project_pairs(tok, per_task), batch_size=8)
 
 
