@@ -390,6 +390,27 @@ def cheapest_rules(errors, budgets=(0.1, 0.01, 0.001)):
     return out
 
 
+#: The columns of the paper's Table 1: which entries get k (random: DARE's mask; sign: Δ < 0; product: Δ·∇L < 0).
+TABLE_ONE = {"dare": "random", "sign_biased": "sign-biased", "product_biased": "product-biased"}
+
+
+def table_one(frame, p_random: float, pair: str | None = None):
+    """The paper's Table 1 from a table holding the randomness chapter's trials: per k of the biased columns, the
+    mean score over the pair's tasks (mean over masks) and the approximation term of each column (``TABLE_ONE``),
+    the random column being DARE's k-family at drop rate ``p_random``."""
+    import pandas as pd
+
+    trials = per_trial(frame, pair)
+    trials = trials[trials.method.isin(TABLE_ONE) & trials.k.notna()].assign(column=lambda f: f.method.map(TABLE_ONE))
+    ks = set(trials[trials.method != "dare"].k) or set(trials.k)
+    trials = trials[trials.k.isin(ks) & ((trials.method != "dare") | (trials.get("p") == p_random))]
+    post = float(reference_scores(frame, pair)["post"].mean())
+    scores = trials.pivot_table(index="k", columns="column", values="score_change", aggfunc="mean") + post
+    terms = trials.pivot_table(index="k", columns="column", values="term", aggfunc="mean")
+    order = [c for c in TABLE_ONE.values() if c in scores]
+    return pd.concat({"score (mean over tasks)": scores[order], "approximation term": terms[order]}, axis=1)
+
+
 def rule_errors(frame):
     """Per edit, rule and number of points: the term (mean over seeds), the exact change, and the relative error
     |term − ΔL| / |ΔL| of the quadrature (grad mode)."""
