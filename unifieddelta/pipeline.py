@@ -229,9 +229,59 @@ def _pair_status(pair) -> str:
     return "local folders" if not sides else f"to fetch from the hub: {', '.join(sides)}"
 
 
+# ---------------------------------------------------------------------------------------------- estimates
+
+#: Parameter counts of the paper's hub models (from their model cards), for estimates before anything is fetched.
+KNOWN_PARAMETERS = {
+    "meta-llama/Meta-Llama-3-8B": 8.03e9, "meta-llama/Meta-Llama-3-8B-Instruct": 8.03e9,
+    "mistralai/Mistral-7B-v0.3": 7.25e9, "mistralai/Mistral-7B-Instruct-v0.3": 7.25e9,
+    "Qwen/Qwen2-7B": 7.62e9, "Qwen/Qwen2-7B-Instruct": 7.62e9,
+    "HuggingFaceH4/mistral-7b-sft-beta": 7.24e9, "HuggingFaceH4/zephyr-7b-beta": 7.24e9,
+}  # fmt: skip
+#: Loss data whose size the estimate knows: (examples, tokens per example, roughly).
+KNOWN_LOSS_DATA = {"hf:openai/gsm8k:main:test": (1319, 250)}
+#: An assumption, not a measurement: a current data-centre GPU sustains about 160 TFLOP/s in bfloat16 on a
+#: transformer's forward and backward passes (400 peak at 40% utilisation).
+ASSUMED_FLOPS = 160e12
+
+
+def term_seconds(parameters: float, examples: int, tokens: int, points: int, flops: float = ASSUMED_FLOPS) -> float:
+    """Estimated seconds of one approximation term: ``points`` forward and backward passes (≈ 6 FLOPs per parameter
+    and token) over ``examples`` loss examples of ``tokens`` tokens."""
+    return points * 6.0 * parameters * examples * tokens / flops
+
+
+def gpu_memory_bytes(parameters: float, bytes_per_value: int = 2) -> float:
+    """Estimated GPU memory of the term, without activations: the post-trained weights, their copy at
+    W_post + t·D, the gradient and D (four values per parameter)."""
+    return 4.0 * bytes_per_value * parameters
+
+
+def _estimate(chapter) -> str | None:
+    """One line for the dry run: memory and term time of a chapter on hub models (None for the zoo's pairs)."""
+    hub = [p for p in chapter.pairs if not p.zoo and not Path(p.post).expanduser().is_dir()]
+    sizes = [KNOWN_PARAMETERS.get(p.post) for p in hub]
+    if not hub:
+        return None
+    if None in sizes:
+        return "  estimate: unknown model size (not one of the paper's models); no estimate"
+    terms = [t for t in chapter.trials if "term" in t.measure and not t.pair.zoo]
+    data = KNOWN_LOSS_DATA.get(hub[0].loss_data)
+    size = max(sizes)
+    line = (f"  estimate (not measured: parameters from the model cards, an assumed {ASSUMED_FLOPS / 1e12:.0f} TFLOP/s): "
+            f"{size / 1e9:.1f}B parameters, GPU memory ≈ {gpu_memory_bytes(size) / 2**30:.0f} GiB in bfloat16 for the "
+            "term plus activations")  # fmt: skip
+    if data and terms:
+        seconds = sum(term_seconds(size, data[0], data[1], t.points) for t in terms)
+        line += (f"; the term ≈ {seconds / len(terms):.0f} s per trial on {data[0]:,} loss examples of ~{data[1]} "
+                 f"tokens, {len(terms)} term trial(s) ≈ {seconds / 3600:.1f} GPU-hours; scores: not estimated")
+    return line
+
+
 def dry_run(profile: str = "tiny", root: str | os.PathLike | None = None, store=None) -> str:
     """What ``build_book`` would do, without executing anything: each notebook with its parameters, the pairs it
-    would build or fetch, and how many of its trials the store holds and how many it would compute."""
+    would build or fetch, how many of its trials the store holds and how many it would compute, and for the
+    paper's hub models an estimate of GPU memory and of the term's time (labelled as an estimate)."""
     from . import chapters, experiments
 
     prof = load_profile(profile)
@@ -254,6 +304,9 @@ def dry_run(profile: str = "tiny", root: str | os.PathLike | None = None, store=
         stored, n = chapter.stored(st)
         every += chapter.trials
         lines.append(f"  trials: {n} ({stored} in the store, {n - stored} to compute)")
+        estimate = _estimate(chapter)
+        if estimate:
+            lines.append(estimate)
     done, total = experiments.stored(every, st)
     lines.append(f"\ntotal: {total} distinct trial(s), {done} in the store, {total - done} to compute"
                  + (f"; pairs to build or fetch: {', '.join(pending_pairs)}" if pending_pairs else ""))
