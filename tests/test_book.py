@@ -16,7 +16,7 @@ from unifieddelta import pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 CHAPTERS = ["delta", "identity", "dare", "kfamily", "randomness", "dare_works", "bitdelta", "structure", "expo",
-            "minilm", "classification", "reproduction", "predicts"]
+            "minilm", "classification", "reproduction", "predicts", "own_models"]
 BROWSER = needs(chromium() is not None, "no Chromium on this machine (apt-get install chromium)",
                 strict="UNIFIEDDELTA_REQUIRE_BROWSER")
 

@@ -257,24 +257,34 @@ def gpu_memory_bytes(parameters: float, bytes_per_value: int = 2) -> float:
     return 4.0 * bytes_per_value * parameters
 
 
-def _estimate(chapter) -> str | None:
-    """One line for the dry run: memory and term time of a chapter on hub models (None for the zoo's pairs)."""
+def estimate(chapter) -> dict | None:
+    """A chapter's cost on the paper's hub models, not measured: parameters (model cards), GPU memory of the term
+    (without activations), term trials and their GPU seconds (None where the loss data's size is unknown). None for
+    a chapter on the zoo's pairs or local folders; {"parameters": None} for a hub model of unknown size."""
     hub = [p for p in chapter.pairs if not p.zoo and not Path(p.post).expanduser().is_dir()]
-    sizes = [KNOWN_PARAMETERS.get(p.post) for p in hub]
     if not hub:
         return None
+    sizes = [KNOWN_PARAMETERS.get(p.post) for p in hub]
     if None in sizes:
-        return "  estimate: unknown model size (not one of the paper's models); no estimate"
+        return {"parameters": None}
+    size = max(sizes)
     terms = [t for t in chapter.trials if "term" in t.measure and not t.pair.zoo]
     data = KNOWN_LOSS_DATA.get(hub[0].loss_data)
-    size = max(sizes)
+    seconds = sum(term_seconds(size, data[0], data[1], t.points) for t in terms) if data else None
+    return {"parameters": size, "memory": gpu_memory_bytes(size), "term_trials": len(terms), "term_seconds": seconds,
+            "examples": data[0] if data else None, "tokens": data[1] if data else None}
+
+
+def _estimate_line(e: dict) -> str:
+    if e["parameters"] is None:
+        return "  estimate: unknown model size (not one of the paper's models); no estimate"
     line = (f"  estimate (not measured: parameters from the model cards, an assumed {ASSUMED_FLOPS / 1e12:.0f} TFLOP/s): "
-            f"{size / 1e9:.1f}B parameters, GPU memory ≈ {gpu_memory_bytes(size) / 2**30:.0f} GiB in bfloat16 for the "
+            f"{e['parameters'] / 1e9:.1f}B parameters, GPU memory ≈ {e['memory'] / 2**30:.0f} GiB in bfloat16 for the "
             "term plus activations")  # fmt: skip
-    if data and terms:
-        seconds = sum(term_seconds(size, data[0], data[1], t.points) for t in terms)
-        line += (f"; the term ≈ {seconds / len(terms):.0f} s per trial on {data[0]:,} loss examples of ~{data[1]} "
-                 f"tokens, {len(terms)} term trial(s) ≈ {seconds / 3600:.1f} GPU-hours; scores: not estimated")
+    if e["term_seconds"] is not None and e["term_trials"]:
+        line += (f"; the term ≈ {e['term_seconds'] / e['term_trials']:.0f} s per trial on {e['examples']:,} loss "
+                 f"examples of ~{e['tokens']} tokens, {e['term_trials']} term trial(s) ≈ "
+                 f"{e['term_seconds'] / 3600:.1f} GPU-hours; scores: not estimated")
     return line
 
 
@@ -304,9 +314,9 @@ def dry_run(profile: str = "tiny", root: str | os.PathLike | None = None, store=
         stored, n = chapter.stored(st)
         every += chapter.trials
         lines.append(f"  trials: {n} ({stored} in the store, {n - stored} to compute)")
-        estimate = _estimate(chapter)
-        if estimate:
-            lines.append(estimate)
+        cost = estimate(chapter)
+        if cost:
+            lines.append(_estimate_line(cost))
     done, total = experiments.stored(every, st)
     lines.append(f"\ntotal: {total} distinct trial(s), {done} in the store, {total - done} to compute"
                  + (f"; pairs to build or fetch: {', '.join(pending_pairs)}" if pending_pairs else ""))
