@@ -200,3 +200,21 @@ def test_readme_says_how_to_publish_and_make_a_pdf():
     assert "not part of `make book`" in section
     text = README.read_text()
     assert text.index("## Publishing and a PDF") < text.index("## Citing")
+
+
+def test_the_pdf_gets_each_table_as_its_formatted_text():
+    """A Styler's PDF form: its caption, then its cells as the page formats them, in aligned columns."""
+    import pandas as pd
+
+    from unifieddelta import chapters
+
+    styler = pd.DataFrame({"a": [1.23456, 22.5], "b": ["x", "yy"]}, index=["r1", "r2"]).style.format(
+        {"a": "{:+.2f}"}).set_caption("A caption")
+    lines = chapters.styler_text(styler).splitlines()
+    assert lines[:2] == ["A caption", ""]
+    body = lines[2:]
+    assert any("+1.23" in ln for ln in body) and any("+22.50" in ln for ln in body)
+    assert not any("1.23456" in ln for ln in body)  # the page's format, not the raw number
+    starts = {ln.index(v) for ln, v in zip(body[1:], ("+1.23", "+22.50"))}
+    assert len(starts) == 1  # one column, one offset
+    assert {ln.index(v) for ln, v in zip(body[1:], ("x", "yy"))} == {body[0].index("b")}

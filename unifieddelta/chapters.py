@@ -287,6 +287,31 @@ def predicts(*, chapters, pair, tasks, limit, fewshot, sigmas, noise_seeds, loss
 # ---------------------------------------------------------------------------------------------- summaries
 
 
+def styler_text(styler) -> str:
+    """A pandas Styler as aligned plain text with its formatting applied (and its caption above): the form the
+    book's PDF shows, where the HTML table cannot go."""
+    rows = [line.split("\x1f") for line in styler.to_string(delimiter="\x1f").splitlines()]
+    widths = [max(len(r[i]) if i < len(r) else 0 for r in rows) for i in range(max(map(len, rows)))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+    caption = styler.caption if isinstance(styler.caption, str) else ""
+    return "\n".join(([caption, ""] if caption else []) + lines)
+
+
+def _tables_for_the_pdf() -> None:
+    """In a notebook kernel: give every pandas Styler a text/markdown form beside its HTML (a code block of
+    :func:`styler_text`), which the LaTeX builder of ``make pdf`` prefers to the HTML it cannot render (it would
+    print the Styler's repr); the HTML pages keep the HTML table, which myst-nb ranks first."""
+    try:
+        from IPython import get_ipython
+        from pandas.io.formats.style import Styler
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is not None:
+        shell.display_formatter.formatters["text/markdown"].for_type(
+            Styler, lambda st: "```text\n" + styler_text(st) + "\n```")
+
+
 def glue(name: str, value) -> None:
     """``myst_nb.glue`` for a page's text (not displayed where computed): numpy scalars become Python numbers,
     which the text's ``{glue:text}`` roles can format; None becomes NaN."""
@@ -638,3 +663,6 @@ def entries_at_least(pair: Pair, threshold: float) -> tuple[int, int]:
         big += int((d.abs() >= threshold).sum())
         total += d.numel()
     return big, total
+
+
+_tables_for_the_pdf()
