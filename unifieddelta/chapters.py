@@ -362,8 +362,6 @@ def delta_samples(pairs: Sequence[Pair], per_tensor: int = 20_000, seed: int = 0
 def per_trial(frame, pair: str | None = None):
     """One row per trial: its edit and settings, and the paper's left C = 5 term (grad mode), the first-order term,
     the exact change, the second-order term, ‖D‖, and the score change against post (mean over tasks)."""
-    import pandas as pd
-
     frame = frame if pair is None else frame[frame.pair == pair]
     settings = [c for c in frame.columns if c not in experiments.COLUMNS]
     keys = ["pair", "method", "edit", "seed", "trial"]
@@ -373,32 +371,30 @@ def per_trial(frame, pair: str | None = None):
                                                "loss"])].pivot_table(index="trial", columns="quantity",
                                                                      values="value", aggfunc="first")
     out = base.join(values)
-    s = experiments.scores(frame)
-    changes = {}
-    for name, group in s.groupby("pair"):
-        post = reference_scores(frame, name)["post"]
-        for trial, rows in group.groupby("trial"):
-            rows = rows[rows.task.isin(post.index)]
-            changes[trial] = float((rows.value.to_numpy() - post[rows.task].to_numpy()).mean()) if len(rows) else math.nan
-    out["score_change"] = pd.Series(changes)
+    changes = _score_changes(frame)
+    out["score_change"] = changes.groupby("trial").score_change.mean() if len(changes) else math.nan
     return out.reset_index()
+
+
+def _score_changes(frame):
+    """(trial, task, score_change): each primary score against the pair's own post-trained reference trial."""
+    import pandas as pd
+
+    out = []
+    for name, group in experiments.scores(frame).groupby("pair"):
+        post = reference_scores(frame, name)["post"]
+        group = group[group.task.isin(post.index)]
+        out.append(group.assign(score_change=group.value.to_numpy() - post[group.task].to_numpy()))
+    return pd.concat(out)[["trial", "task", "score_change"]] if out else pd.DataFrame(columns=["trial", "task", "score_change"])
 
 
 def task_changes(frame):
     """One row per trial and task: the score change against post on that task (the pair's own reference trial),
     with the trial's term (left, C = 5), first-order term, exact change and ‖D‖ beside it."""
-    s = experiments.scores(frame)
     rows = per_trial(frame).set_index("trial")
-    out = []
-    for name, group in s.groupby("pair"):
-        post = reference_scores(frame, name)["post"]
-        group = group[group.task.isin(post.index)]
-        out.append(group.assign(score_change=group.value.to_numpy() - post[group.task].to_numpy()))
-    if not out:
+    changes = _score_changes(frame)
+    if changes.empty:
         return rows.iloc[:0]
-    import pandas as pd
-
-    changes = pd.concat(out)[["trial", "task", "score_change"]]
     keep = [c for c in ("pair", "method", "edit", "seed", "term", "first_order", "loss_change", "d_norm", "loss")
             if c in rows]  # fmt: skip
     return changes.join(rows[keep], on="trial")

@@ -862,17 +862,14 @@ def _load_embedding(folder, device, dtype):
 
 
 def _embedding_loss(session, examples):
-    from .tasks import sre
-
-    held_out = sre.pairs("test", n=examples or EMBEDDING_LOSS_PAIRS)
+    held_out = _sre.pairs("test", n=examples or EMBEDDING_LOSS_PAIRS)
     return losses.cosine_embedding_loss([(p["a"], p["b"]) for p in held_out], _tokenizer(session), batch_size=32)
 
 
 def _embedding_scores(session, model, tasks, limit, fewshot=None):
     from .evaluate import embed, embedding_scores
-    from .tasks import sre
 
-    pairs = [(p["a"], p["b"]) for p in sre.pairs("test", n=limit)]
+    pairs = [(p["a"], p["b"]) for p in _sre.pairs("test", n=limit)]
     key = ("post_embeddings", limit)
     if key not in session.state:  # the post-trained model's embeddings, once per pair and limit
         session.state[key] = embed(session.post, _tokenizer(session), [a for a, _ in pairs] + [b for _, b in pairs])
