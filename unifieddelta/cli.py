@@ -126,7 +126,8 @@ def _sweep(args: argparse.Namespace) -> int:
     from .tasks import check_tasks
 
     # Everything is checked before anything is built, measured or written.
-    pair = experiments.pair(args.pair, pre=args.pre, post=args.post, loss_data=args.loss_data, smoke=args.smoke)
+    pair = experiments.pair(args.pair, pre=args.pre, post=args.post, loss_data=args.loss_data, smoke=args.smoke,
+                            kind=args.kind, dpo_beta=args.dpo_beta)
     values = {}
     for item in args.grid or []:
         key, sep, text = item.partition("=")
@@ -183,8 +184,13 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
                    "midpoint, trapezoid, gauss")  # fmt: skip
     p.add_argument("--points", type=int, default=5, help="evaluations of the integrand (the paper's C = 5)")
     p.add_argument("--mode", default="grad", choices=["grad", "jvp"], help="backward passes or forward-mode")
-    p.add_argument("--loss-data", help="for --pre/--post: a JSONL of prompt/answer records, or hf:NAME[:CONFIG]:SPLIT")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--loss-data", help="for --pre/--post: a JSONL of prompt/answer records, or hf:NAME[:CONFIG]:SPLIT"
+                   " (--kind dpo: preference triples, e.g. hf:HuggingFaceH4/ultrafeedback_binarized:test_prefs)")
+    p.add_argument("--kind", choices=["dpo", "embedding", "lm", "vision"], help="for --pre/--post: what the pair is (default "
+                   "lm: a causal LM; dpo: SFT -> DPO, the DPO loss with pre as the reference)")  # fmt: skip
+    p.add_argument("--dpo-beta", type=float, help="--kind dpo: the DPO loss's beta (default 0.1)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ..., or auto: a model larger than one GPU, "
+                   "placed over all of them by accelerate's device_map")  # fmt: skip
     p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
     p.add_argument("--store", help="the store folder (default: the project's cache); share it between workers")
     p.add_argument("--csv", metavar="FILE", help="write the tidy table as CSV")

