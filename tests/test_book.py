@@ -140,3 +140,51 @@ def test_a_chapter_runs_on_a_pair_of_another_architecture(tmp_path):
     table = experiments.table(plan.trials)
     assert set(experiments.scores(table).task) == set(task_names())
     assert {t.pair.kind for t in plan.trials} == {"lm"} and "pre -> post" in set(table.pair)
+
+
+def test_the_paper_profiles_path_on_local_checkpoints(tmp_path):
+    """The paper profile's EXPO, reproduction and prediction pages, on two GPT-2 checkpoints standing in for the
+    hub's (an SFT -> DPO pair with preference data, a pre -> post pair with prompt/answer loss data and a second loss
+    data set): a profile that extends ``paper``, executed through the pipeline with smoke grids on the CPU."""
+    import json
+
+    from helpers import gpt2_pair
+
+    root = tmp_path / "book"
+    root.mkdir()
+    for name in ("_config.yml", "_toc.yml", "references.bib"):
+        shutil.copy(REPO / name, root / name)
+    shutil.copytree(REPO / "notebooks", root / "notebooks")
+    pre, post = gpt2_pair(tmp_path)
+    qa, other, prefs = tmp_path / "qa.jsonl", tmp_path / "other.jsonl", tmp_path / "prefs.jsonl"
+    qa.write_text("".join(json.dumps({"question": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n" for i in range(4)))
+    other.write_text("".join(json.dumps({"instruction": f"Repeat {i}.", "input": "", "output": str(i)}) + "\n"
+                             for i in range(4)))
+    prefs.write_text("".join(json.dumps({"prompt": f"What is {i} + 1?", "chosen": str(i + 1), "rejected": str(i)})
+                             + "\n" for i in range(4)))
+    profile = tmp_path / "mine.yaml"
+    profile.write_text(f"""extends: paper
+defaults: {{device: cpu, dtype: float32, smoke: true, pre: "{pre}", post: "{post}", loss_data: "{qa}",
+           tasks: [ud_add], fewshot: {{}}, limit: 2}}
+notebooks:
+  - name: expo
+    parameters: {{dpo_pre: "{pre}", dpo_post: "{post}", dpo_loss_data: "{prefs}", dpo_beta: 0.1, dpo_examples: 4}}
+  - name: reproduction
+    reads: all
+  - name: predicts
+    reads: all
+    parameters: {{loss_tasks: ["{other}"]}}
+""")
+    runs = pipeline.plan(pipeline.load_profile(profile), root)
+    for run in runs:
+        assert pipeline.execute(run, cwd=root) is True
+    from unifieddelta import chapters, experiments
+
+    expo = chapters.plan("expo", **runs[0].resolved)
+    assert [p.kind for p in expo.pairs] == ["dpo", "lm"] and expo.stored() == (len(expo.trials), len(expo.trials))
+    predicts = chapters.plan("predicts", **runs[2].resolved)
+    assert predicts.stored() == (len(predicts.trials), len(predicts.trials))
+    assert any(p.loss_data == str(other) for p in predicts.pairs)
+    table = experiments.table(predicts.trials)
+    assert set(experiments.scores(table[table.pair.str.contains("dpo") | (table.method == "extrapolate")]).task) \
+        >= {"ud_add", "preference"}

@@ -216,17 +216,22 @@ def structure(*, pair, pre, post, loss_data, tasks, limit, fewshot, seeds, fract
 
 @_chapter
 def expo(*, pair, dpo_pair, pre, post, loss_data, tasks, limit, fewshot, alphas_dpo, alphas, device, dtype,
-         smoke, **_) -> list[Trial]:  # fmt: skip
+         smoke, dpo_pre="", dpo_post="", dpo_loss_data="", dpo_beta=None, dpo_examples=None, **_) -> list[Trial]:  # fmt: skip
     """EXPO: extrapolation along the DPO delta (the DPO loss) over ``alphas_dpo``; interpolation against
-    extrapolation over ``alphas`` on the SFT pair and on the DPO pair."""
+    extrapolation over ``alphas`` on the SFT pair and on the DPO pair. The DPO pair: the zoo's ``dpo_pair``, or
+    ``dpo_pre`` -> ``dpo_post`` checkpoints with preference data ``dpo_loss_data`` (``dpo_examples`` of its
+    triples; None: all) and β ``dpo_beta``."""
     m = _measure(tasks, limit, device, dtype, smoke, fewshot)
-    dpo = experiments.pair(dpo_pair, smoke=smoke)
+    if dpo_pre or dpo_post:
+        dpo = experiments.pair(pre=dpo_pre or None, post=dpo_post or None, kind="dpo", loss_data=dpo_loss_data or None,
+                               dpo_beta=dpo_beta)  # fmt: skip
+    else:
+        dpo = experiments.pair(dpo_pair, smoke=smoke)
     sft = _pair(pair, pre, post, smoke, loss_data)
     dpo_tasks = None if tasks is None else [*tasks, "preference"]
-    trials = experiments.grid(dpo, "extrapolate", {"alpha": shrink(alphas_dpo, smoke)}, measure=ALL,
-                              **{**m, "tasks": dpo_tasks})  # fmt: skip
-    trials += experiments.grid(dpo, "extrapolate", {"alpha": shrink(alphas, smoke)}, measure=ALL,
-                               **{**m, "tasks": dpo_tasks})  # fmt: skip
+    d = {**m, "tasks": dpo_tasks, "loss_examples": dpo_examples}
+    trials = experiments.grid(dpo, "extrapolate", {"alpha": shrink(alphas_dpo, smoke)}, measure=ALL, **d)
+    trials += experiments.grid(dpo, "extrapolate", {"alpha": shrink(alphas, smoke)}, measure=ALL, **d)
     trials += experiments.grid(sft, "extrapolate", {"alpha": shrink(alphas, smoke)}, measure=ALL, **m)
     return list(dict.fromkeys(trials))
 
@@ -266,18 +271,20 @@ def classification(*, chapters, smoke, **_) -> Plan:
 
 @_chapter
 def predicts(*, chapters, pair, tasks, limit, fewshot, sigmas, noise_seeds, loss_tasks, edits, device, dtype, smoke,
-             **_) -> Plan:  # fmt: skip
+             pre="", post="", loss_data="", **_) -> Plan:  # fmt: skip
     """What the term predicts: every trial the other chapters measure (``chapters``, as for the classification),
-    Gaussian perturbations D of growing relative size ``sigmas`` on ``pair`` (term, exact change, scores), and
-    ``edits`` with the term taken on one task's held-out data at a time (``loss_tasks``)."""
+    Gaussian perturbations D of growing relative size ``sigmas`` on ``pair`` (or pre/post; term, exact change,
+    scores), and ``edits`` with the term taken on other loss data, one at a time (``loss_tasks``: a zoo pair's task
+    names, each task's held-out answers; for pre/post, loss-data specs: ``hf:…`` or JSONL files)."""
     trials = classification(chapters=chapters, smoke=smoke).trials
-    p = experiments.pair(pair, smoke=smoke)
+    p = _pair(pair, pre, post, smoke, loss_data)
     m = _measure(tasks, limit, device, dtype, smoke, fewshot)
     trials += experiments.references(p, measure=ALL, **m)
     trials += experiments.grid(p, "gaussian", {"sigma": shrink(sigmas, smoke)}, shrink(noise_seeds, smoke),
                                measure=("term", "loss_change", "scores"), **m)  # fmt: skip
     for task in shrink(loss_tasks, smoke):
-        q = experiments.pair(pair, smoke=smoke, loss_data=f"task:{task}")
+        q = experiments.pair(pre=pre, post=post, loss_data=task) if p.pre else \
+            experiments.pair(pair, smoke=smoke, loss_data=f"task:{task}")
         for method, params in _edits(edits):
             trials.append(experiments.trial(q, method, params, measure=("term", "loss_change"), device=device,
                                             dtype=dtype))  # fmt: skip
@@ -422,6 +429,7 @@ def table_one(frame, p_random: float, pair: str | None = None):
     import pandas as pd
 
     trials = per_trial(frame, pair)
+    trials = trials.reindex(columns=[*trials.columns, *(c for c in ("k", "p") if c not in trials)])
     trials = trials[trials.method.isin(TABLE_ONE) & trials.k.notna()].assign(column=lambda f: f.method.map(TABLE_ONE))
     ks = set(trials[trials.method != "dare"].k) or set(trials.k)
     trials = trials[trials.k.isin(ks) & ((trials.method != "dare") | (trials.get("p") == p_random))]
@@ -557,7 +565,7 @@ def score_drops(frame, method: str = "dare", settings: Sequence[str] = ("p", "k"
     share correct; > 0 is worse), beside the size of the edit, ‖D‖/‖ΔW‖ (mean over seeds)."""
 
     trials = per_trial(frame)
-    rows = trials[trials.method == method]
+    rows = trials[trials.method == method].reindex(columns=[*trials.columns, *(s for s in settings if s not in trials)])
     out = rows.assign(drop=-rows.score_change, relative_d=rows.d_norm / _delta_norms(frame).reindex(rows.pair).to_numpy())
     return out.groupby(["pair", *settings])[["drop", "relative_d", "term", "loss_change", "second_order"]].mean().reset_index()
 
