@@ -216,7 +216,7 @@ def structure(*, pair, pre, post, loss_data, tasks, limit, fewshot, seeds, fract
 
 @_chapter
 def expo(*, pair, dpo_pair, pre, post, loss_data, tasks, limit, fewshot, alphas_dpo, alphas, device, dtype,
-         smoke, dpo_pre="", dpo_post="", dpo_loss_data="", dpo_beta=None, dpo_examples=None, **_) -> list[Trial]:  # fmt: skip
+         smoke, dpo_pre, dpo_post, dpo_loss_data, dpo_beta, dpo_examples, **_) -> list[Trial]:  # fmt: skip
     """EXPO: extrapolation along the DPO delta (the DPO loss) over ``alphas_dpo``; interpolation against
     extrapolation over ``alphas`` on the SFT pair and on the DPO pair. The DPO pair: the zoo's ``dpo_pair``, or
     ``dpo_pre`` -> ``dpo_post`` checkpoints with preference data ``dpo_loss_data`` (``dpo_examples`` of its
@@ -271,7 +271,7 @@ def classification(*, chapters, smoke, **_) -> Plan:
 
 @_chapter
 def predicts(*, chapters, pair, tasks, limit, fewshot, sigmas, noise_seeds, loss_tasks, edits, device, dtype, smoke,
-             pre="", post="", loss_data="", **_) -> Plan:  # fmt: skip
+             pre, post, loss_data, **_) -> Plan:  # fmt: skip
     """What the term predicts: every trial the other chapters measure (``chapters``, as for the classification),
     Gaussian perturbations D of growing relative size ``sigmas`` on ``pair`` (or pre/post; term, exact change,
     scores), and ``edits`` with the term taken on other loss data, one at a time (``loss_tasks``: a zoo pair's task
@@ -283,7 +283,7 @@ def predicts(*, chapters, pair, tasks, limit, fewshot, sigmas, noise_seeds, loss
     trials += experiments.grid(p, "gaussian", {"sigma": shrink(sigmas, smoke)}, shrink(noise_seeds, smoke),
                                measure=("term", "loss_change", "scores"), **m)  # fmt: skip
     for task in shrink(loss_tasks, smoke):
-        q = experiments.pair(pre=pre, post=post, loss_data=task) if p.pre else \
+        q = experiments.pair(pre=pre, post=post, loss_data=task) if pre or post else \
             experiments.pair(pair, smoke=smoke, loss_data=f"task:{task}")
         for method, params in _edits(edits):
             trials.append(experiments.trial(q, method, params, measure=("term", "loss_change"), device=device,
@@ -366,6 +366,12 @@ def delta_samples(pairs: Sequence[Pair], per_tensor: int = 20_000, seed: int = 0
     return pd.concat(frames, ignore_index=True)
 
 
+def with_columns(frame, *names):
+    """``frame`` with the columns ``names`` added, empty, where it lacks them (the settings of an edit no chapter
+    of the profile measured)."""
+    return frame.reindex(columns=[*frame.columns, *(n for n in names if n not in frame)])
+
+
 def per_trial(frame, pair: str | None = None):
     """One row per trial: its edit and settings, and the paper's left C = 5 term (grad mode), the first-order term,
     the exact change, the second-order term, ‖D‖, and the score change against post (mean over tasks)."""
@@ -428,8 +434,7 @@ def table_one(frame, p_random: float, pair: str | None = None):
     the random column being DARE's k-family at drop rate ``p_random``."""
     import pandas as pd
 
-    trials = per_trial(frame, pair)
-    trials = trials.reindex(columns=[*trials.columns, *(c for c in ("k", "p") if c not in trials)])
+    trials = with_columns(per_trial(frame, pair), "k", "p")
     trials = trials[trials.method.isin(TABLE_ONE) & trials.k.notna()].assign(column=lambda f: f.method.map(TABLE_ONE))
     ks = set(trials[trials.method != "dare"].k) or set(trials.k)
     trials = trials[trials.k.isin(ks) & ((trials.method != "dare") | (trials.get("p") == p_random))]
@@ -565,7 +570,7 @@ def score_drops(frame, method: str = "dare", settings: Sequence[str] = ("p", "k"
     share correct; > 0 is worse), beside the size of the edit, ‖D‖/‖ΔW‖ (mean over seeds)."""
 
     trials = per_trial(frame)
-    rows = trials[trials.method == method].reindex(columns=[*trials.columns, *(s for s in settings if s not in trials)])
+    rows = with_columns(trials[trials.method == method], *settings)
     out = rows.assign(drop=-rows.score_change, relative_d=rows.d_norm / _delta_norms(frame).reindex(rows.pair).to_numpy())
     return out.groupby(["pair", *settings])[["drop", "relative_d", "term", "loss_change", "second_order"]].mean().reset_index()
 

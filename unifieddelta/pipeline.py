@@ -63,9 +63,7 @@ def load_profile(profile: str | os.PathLike, _seen: tuple = ()) -> dict:
         parent = parent if Path(str(parent)).suffix not in (".yaml", ".yml") else path.parent / parent
         base = load_profile(parent, (*_seen, path.resolve()))
         defaults = {**base["defaults"], **(data.get("defaults") or {})}
-        data = {**base, "description": "", **data, "defaults": defaults}
-        data.setdefault("notebooks", base["notebooks"])
-        data["name"] = data.get("name") if data.get("name") != base["name"] else path.stem
+        data = {**base, "description": "", **data, "name": data.get("name", path.stem), "defaults": defaults}
     notebooks = data.get("notebooks") if isinstance(data, dict) else None
     if not isinstance(notebooks, list) or not all(isinstance(n, dict) and "name" in n for n in notebooks):
         raise ProfileError(f"profile {path} must have a 'notebooks' list of entries with a 'name'")
