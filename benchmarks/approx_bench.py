@@ -23,7 +23,13 @@ import torch
 from unifieddelta import approx, deltas, losses
 from unifieddelta.profiling import measure
 
-EDITS = [("dare", {"p": 0.5}), ("bitdelta", {}), ("low_rank", {"rank": 0.1}), ("magnitude_trim", {"keep": 0.1}), ("extrapolate", {"alpha": 0.5})]
+EDITS = [
+    ("dare", {"p": 0.5}),
+    ("bitdelta", {}),
+    ("low_rank", {"rank": 0.1}),
+    ("magnitude_trim", {"keep": 0.1}),
+    ("extrapolate", {"alpha": 0.5}),
+]
 
 
 def zoo_pair(name: str = "tiny-lm", per_task: int = 8):
@@ -58,10 +64,12 @@ def main() -> None:
     pre, post = pre.to(args.device, dtype), post.to(args.device, dtype)
     loss = losses.causal_lm_nll(pairs, batch_size=args.batch_size)
     n_params = sum(p.numel() for p in post.parameters())
-    print(f"pair: {args.pair} ({n_params / 1e6:.2f}M parameters, {post.config.num_hidden_layers} layers, "
-          f"hidden {post.config.hidden_size}), {len(pairs)} (prompt, answer) pairs in {len(loss.batches)} batches, "
-          f"{args.dtype} on {args.device}, attention {post.config._attn_implementation} (jvp: eager); "
-          f"built in {time.perf_counter() - t0:.0f} s")  # fmt: skip
+    print(
+        f"pair: {args.pair} ({n_params / 1e6:.2f}M parameters, {post.config.num_hidden_layers} layers, "
+        f"hidden {post.config.hidden_size}), {len(pairs)} (prompt, answer) pairs in {len(loss.batches)} batches, "
+        f"{args.dtype} on {args.device}, attention {post.config._attn_implementation} (jvp: eager); "
+        f"built in {time.perf_counter() - t0:.0f} s"
+    )
     with torch.no_grad():
         print(f"loss at W_pre {float(loss(pre)):.4f}, at W_post {float(loss(post)):.4f}")
     # load forward-AD's decompositions (a one-time TorchScript cost of seconds) before timing anything
@@ -69,7 +77,7 @@ def main() -> None:
     approx.approximation_term(post, {some[0]: torch.zeros_like(some[1])}, loss, points=1, mode="jvp")
 
     directions = {method: deltas.direction(pre, post, method, seed=0, **params) for method, params in EDITS}
-    term = lambda d, mode: lambda: approx.approximation_term(post, d, loss, points=5, rule="left", mode=mode)  # noqa: E731
+    term = lambda d, mode: lambda: approx.approximation_term(post, d, loss, points=5, rule="left", mode=mode)
     rows = []
     for method, params in EDITS:  # time first: the memory probe below slows allocation down
         d = directions[method]
@@ -82,14 +90,22 @@ def main() -> None:
         exact = approx.loss_change(post, d, loss)
         g2 = approx.approximation_term(post, d, loss, points=2, rule="gauss", mode="jvp").term
         g3 = approx.approximation_term(post, d, loss, points=3, rule="gauss", mode="jvp").term
-        rel = lambda x: abs(x - exact) / abs(exact)  # noqa: E731
+        rel = lambda x: abs(x - exact) / abs(exact)
         label = method + "(" + ", ".join(f"{k}={v}" for k, v in params.items()) + ")"
-        rows.append({
-            "edit": label, "loss change": exact, "left-5 term": grad.term,
-            "grad s": t_grad, "jvp s": t_jvp, "time grad/jvp": t_grad / t_jvp,
-            "|jvp−grad|/|grad|": abs(fwd.term - grad.term) / abs(grad.term),
-            "err left-5": rel(grad.term), "err gauss-2": rel(g2), "err gauss-3": rel(g3),
-        })  # fmt: skip
+        rows.append(
+            {
+                "edit": label,
+                "loss change": exact,
+                "left-5 term": grad.term,
+                "grad s": t_grad,
+                "jvp s": t_jvp,
+                "time grad/jvp": t_grad / t_jvp,
+                "|jvp−grad|/|grad|": abs(fwd.term - grad.term) / abs(grad.term),
+                "err left-5": rel(grad.term),
+                "err gauss-2": rel(g2),
+                "err gauss-3": rel(g3),
+            }
+        )
     for row, (method, _) in zip(rows, EDITS):
         m_grad, m_jvp = (measure(term(directions[method], mode), args.device)[2] for mode in ("grad", "jvp"))
         row.update({"grad MiB": m_grad / 2**20, "jvp MiB": m_jvp / 2**20, "mem grad/jvp": m_grad / max(m_jvp, 1)})

@@ -40,7 +40,13 @@ from unifieddelta import edits  # noqa: E402
 
 THREADS = 2
 GiB = 1 << 30
-TARGETS = {"dare": 0.25, "bitdelta": 0.3, "bitdelta_4bit": 0.05, "magnitude_trim": 0.1, "extrapolate": 0.5}  # fraction of copy speed, fp32
+TARGETS = {
+    "dare": 0.25,
+    "bitdelta": 0.3,
+    "bitdelta_4bit": 0.05,
+    "magnitude_trim": 0.1,
+    "extrapolate": 0.5,
+}  # fraction of copy speed, fp32
 P, KEEP, RANK, ALPHA = 0.9, 0.1, 64, 0.5  # DARE drop rate, trim's kept fraction, low rank, EXPO's alpha
 SKIPPED = "not timed with --quick"  # the naive 4-bit BitDelta's full sort: 5 s of the minute --quick has
 
@@ -119,34 +125,55 @@ def cases(d: torch.Tensor, g: torch.Generator, quick: bool = False):
     peft, mk = _peft(), _mergekit()
     l1 = mk.RescaleNorm.l1 if mk else None
     gone = "no such operation"
-    peft_ = (lambda fn: fn) if peft else (lambda fn: "not installed")  # noqa: E731
-    mk_ = (lambda fn: fn) if mk else (lambda fn: "not installed")  # noqa: E731
+    peft_ = (lambda fn: fn) if peft else (lambda fn: "not installed")
+    mk_ = (lambda fn: fn) if mk else (lambda fn: "not installed")
     return {
         "dare": (
             lambda: edits.dare(d, P, generator=g),
-            {"peft": peft_(lambda: peft.random_pruning(d, 1 - P, rescale=True)),
-             "mergekit": mk_(lambda: mk.bernoulli(d, 1 - P, rescale_norm=l1)),
-             "naive": lambda: torch.where(torch.rand(d.shape, generator=g, device=d.device) < P, 0.0, d / (1 - P))},
+            {
+                "peft": peft_(lambda: peft.random_pruning(d, 1 - P, rescale=True)),
+                "mergekit": mk_(lambda: mk.bernoulli(d, 1 - P, rescale_norm=l1)),
+                "naive": lambda: torch.where(torch.rand(d.shape, generator=g, device=d.device) < P, 0.0, d / (1 - P)),
+            },
         ),
         "drop_only": (
             lambda: edits.drop_only(d, P, generator=g),
-            {"peft": peft_(lambda: peft.random_pruning(d, 1 - P, rescale=False)),
-             "mergekit": mk_(lambda: mk.bernoulli(d, 1 - P, rescale_norm=None)),
-             "naive": lambda: d * (torch.rand(d.shape, generator=g, device=d.device) >= P)},
+            {
+                "peft": peft_(lambda: peft.random_pruning(d, 1 - P, rescale=False)),
+                "mergekit": mk_(lambda: mk.bernoulli(d, 1 - P, rescale_norm=None)),
+                "naive": lambda: d * (torch.rand(d.shape, generator=g, device=d.device) >= P),
+            },
         ),
-        "bitdelta": (lambda: edits.bitdelta(d), {"peft": gone, "mergekit": gone, "naive": lambda: d.sign() * d.abs().mean()}),
-        "bitdelta_4bit": (lambda: edits.bitdelta(d, 4), {"peft": gone, "mergekit": gone,
-                                                         "naive": SKIPPED if quick else lambda: naive_bitdelta_bits(d, 4)}),
+        "bitdelta": (
+            lambda: edits.bitdelta(d),
+            {"peft": gone, "mergekit": gone, "naive": lambda: d.sign() * d.abs().mean()},
+        ),
+        "bitdelta_4bit": (
+            lambda: edits.bitdelta(d, 4),
+            {"peft": gone, "mergekit": gone, "naive": SKIPPED if quick else lambda: naive_bitdelta_bits(d, 4)},
+        ),
         "magnitude_trim": (
             lambda: edits.magnitude_trim(d, KEEP),
-            {"peft": peft_(lambda: peft.magnitude_based_pruning(d, KEEP)),
-             "mergekit": mk_(lambda: mk.magnitude(d, KEEP)),
-             "naive": lambda: d * torch.zeros(d.numel(), dtype=torch.bool, device=d.device).index_fill_(
-                 0, torch.topk(d.abs().reshape(-1), int(KEEP * d.numel())).indices, True).reshape(d.shape)},
+            {
+                "peft": peft_(lambda: peft.magnitude_based_pruning(d, KEEP)),
+                "mergekit": mk_(lambda: mk.magnitude(d, KEEP)),
+                "naive": lambda: (
+                    d
+                    * torch.zeros(d.numel(), dtype=torch.bool, device=d.device)
+                    .index_fill_(0, torch.topk(d.abs().reshape(-1), int(KEEP * d.numel())).indices, True)
+                    .reshape(d.shape)
+                ),
+            },
         ),
-        "low_rank": (lambda: edits.low_rank(d, RANK, svd="randomized"), {"peft": gone, "mergekit": gone, "naive": lambda: naive_low_rank(d, RANK)}),
-        "extrapolate": (lambda: edits.extrapolate(d, ALPHA), {"peft": gone, "mergekit": gone, "naive": lambda: d * (1 + ALPHA)}),
-    }  # fmt: skip
+        "low_rank": (
+            lambda: edits.low_rank(d, RANK, svd="randomized"),
+            {"peft": gone, "mergekit": gone, "naive": lambda: naive_low_rank(d, RANK)},
+        ),
+        "extrapolate": (
+            lambda: edits.extrapolate(d, ALPHA),
+            {"peft": gone, "mergekit": gone, "naive": lambda: d * (1 + ALPHA)},
+        ),
+    }
 
 
 def bench_edits(n: int, dtypes: list[torch.dtype], device: str = "cpu", quick: bool = False) -> dict:
@@ -166,7 +193,7 @@ def bench_edits(n: int, dtypes: list[torch.dtype], device: str = "cpu", quick: b
             if dtype != dtypes[0] and name in ("bitdelta_4bit", "low_rank"):
                 continue  # sort- and matmul-bound: the second dtype tells nothing new, and costs a minute
             key = name if dtype == torch.float32 else f"{name} ({str(dtype).removeprefix('torch.')})"
-            copy = lambda: dst.copy_(d)  # noqa: E731
+            copy = lambda: dst.copy_(d)
             ours_s, copy_s = timed(ours, copy)
             row = {"dtype": str(dtype).removeprefix("torch."), "shape": [n, n], "ours_s": ours_s, "copy_s": copy_s}
             # each peer against its own interleaved copy, reported as a fraction of copy speed
@@ -195,7 +222,7 @@ def bench_model(device: str, dtype: torch.dtype = torch.bfloat16) -> dict:
         "low_rank": lambda n, t: edits.low_rank(t, RANK, svd="randomized"),
         "extrapolate": lambda n, t: edits.extrapolate(t, ALPHA),
     }
-    copy = lambda: [dst[n].copy_(t) for n, t in model.items()]  # noqa: E731
+    copy = lambda: [dst[n].copy_(t) for n, t in model.items()]
     out = {"parameters": sum(t.numel() for t in model.values()), "dtype": str(dtype).removeprefix("torch.")}
     for name, call in calls.items():
         ours_s, copy_s = timed(lambda: [call(n, t) for n, t in model.items()], copy, max_repeats=3, budget_s=10.0)
@@ -217,7 +244,13 @@ def low_rank_error(n: int) -> dict:
     fast_s = time.perf_counter()
     fast = torch.linalg.norm(edits.low_rank(d, RANK, svd="randomized") - d).item()
     fast_s = time.perf_counter() - fast_s
-    return {"shape": [n, n], "rank": RANK, "error_over_optimal": fast / best, "exact_s": exact_s, "randomized_s": fast_s}
+    return {
+        "shape": [n, n],
+        "rank": RANK,
+        "error_over_optimal": fast / best,
+        "exact_s": exact_s,
+        "randomized_s": fast_s,
+    }
 
 
 # --- streaming -----------------------------------------------------------------------------------------------
@@ -244,9 +277,17 @@ def make_pair(root: Path, shapes: dict, shard_bytes: int) -> tuple[Path, Path]:
 
     (_, hidden), layers = shapes["model.embed_tokens.weight"], sum(n.endswith("q_proj.weight") for n in shapes)
     inter, vocab = shapes["model.layers.0.mlp.up_proj.weight"][0], shapes["lm_head.weight"][0]
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, vocab_size=vocab,
-                         num_attention_heads=max(1, hidden // 128), num_key_value_heads=max(1, hidden // 128),
-                         torch_dtype="bfloat16", tie_word_embeddings=False, architectures=["LlamaForCausalLM"])  # fmt: skip
+    config = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        vocab_size=vocab,
+        num_attention_heads=max(1, hidden // 128),
+        num_key_value_heads=max(1, hidden // 128),
+        torch_dtype="bfloat16",
+        tie_word_embeddings=False,
+        architectures=["LlamaForCausalLM"],
+    )
     shards, current, size = [], [], 0
     for name, shape in shapes.items():
         if current and size + math.prod(shape) * 2 > shard_bytes:
@@ -296,8 +337,13 @@ def run_measured(argv: list[str], env=None, timeout: float | None = None) -> tup
         report, log = Path(tmp) / "rusage", Path(tmp) / "stderr"
         start = time.perf_counter()
         with open(log, "wb") as err:
-            proc = subprocess.Popen([sys.executable, "-c", _WRAP, str(report), *argv], stdout=subprocess.DEVNULL,
-                                    stderr=err, env=env, start_new_session=True)  # fmt: skip
+            proc = subprocess.Popen(
+                [sys.executable, "-c", _WRAP, str(report), *argv],
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                env=env,
+                start_new_session=True,
+            )
             try:
                 proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
@@ -346,15 +392,38 @@ def bench_streaming(quick: bool, with_mergekit: bool) -> dict:
 
         rws = [read_write()]
         exe = [sys.executable, "-m", "unifieddelta.cli"]  # what the `unifieddelta` entry point runs
-        startup_s = run_measured([sys.executable, "-c", "import unifieddelta.cli, unifieddelta.deltas, torch, safetensors, tqdm"])[0]
+        startup_s = run_measured(
+            [sys.executable, "-c", "import unifieddelta.cli, unifieddelta.deltas, torch, safetensors, tqdm"]
+        )[0]
         env = dict(os.environ, OMP_NUM_THREADS=str(THREADS))
-        result = {"checkpoint_bytes": ckpt_bytes, "pair_bytes": 2 * ckpt_bytes, "largest_tensor_bytes": largest,
-                  "rss_bound_bytes": 2 * largest + GiB, "startup_s": startup_s}  # fmt: skip
+        result = {
+            "checkpoint_bytes": ckpt_bytes,
+            "pair_bytes": 2 * ckpt_bytes,
+            "largest_tensor_bytes": largest,
+            "rss_bound_bytes": 2 * largest + GiB,
+            "startup_s": startup_s,
+        }
         # The disk's write-back makes single runs vary ~2x here: each run starts synced, the edit and the
         # read+write baseline alternate, and medians are reported (3 runs each in the full benchmark).
         for dtype in ("float32",) if quick else ("float32", "float64"):
-            argv = [*exe, "edit", "--pre", str(pre), "--post", str(post), "--method", "dare", "--set", "p=0.9",
-                    "--seed", "0", "--out", str(root / f"out-{dtype}"), "--compute-dtype", dtype]  # fmt: skip
+            argv = [
+                *exe,
+                "edit",
+                "--pre",
+                str(pre),
+                "--post",
+                str(post),
+                "--method",
+                "dare",
+                "--set",
+                "p=0.9",
+                "--seed",
+                "0",
+                "--out",
+                str(root / f"out-{dtype}"),
+                "--compute-dtype",
+                dtype,
+            ]
             runs = []
             for _ in range(1 if quick else 3):
                 os.sync()
@@ -364,9 +433,18 @@ def bench_streaming(quick: bool, with_mergekit: bool) -> dict:
             wall = statistics.median(r[0] for r in runs)
             rss, rc = max(r[1] for r in runs), max(abs(r[2]) for r in runs)
             key = "" if dtype == "float32" else "_float64"
-            result.update({f"ours_s{key}": wall if rc == 0 else None, f"peak_rss_bytes{key}": rss,
-                           f"ours_runs_s{key}": [r[0] for r in runs]})  # fmt: skip
-            print(f"  unifieddelta edit ({dtype}): {wall:.1f} s, peak RSS {rss / GiB:.2f} GiB", file=sys.stderr, flush=True)
+            result.update(
+                {
+                    f"ours_s{key}": wall if rc == 0 else None,
+                    f"peak_rss_bytes{key}": rss,
+                    f"ours_runs_s{key}": [r[0] for r in runs],
+                }
+            )
+            print(
+                f"  unifieddelta edit ({dtype}): {wall:.1f} s, peak RSS {rss / GiB:.2f} GiB",
+                file=sys.stderr,
+                flush=True,
+            )
         result["read_write_s"], result["read_write_runs_s"] = statistics.median(rws), rws
         if with_mergekit:
             result["mergekit"] = bench_mergekit(pre, post, root, env)
@@ -386,8 +464,21 @@ def bench_mergekit(pre: Path, post: Path, root: Path, env) -> dict | str:
         "parameters: {normalize: false}\n"
     )
     os.sync()
-    wall, rss, rc = run_measured([exe, str(config), str(root / "mk-out"), "--lazy-unpickle", "--quiet",
-                                  "--random-seed", "0", "-j", str(THREADS)], env, timeout=240)  # fmt: skip
+    wall, rss, rc = run_measured(
+        [
+            exe,
+            str(config),
+            str(root / "mk-out"),
+            "--lazy-unpickle",
+            "--quiet",
+            "--random-seed",
+            "0",
+            "-j",
+            str(THREADS),
+        ],
+        env,
+        timeout=240,
+    )
     shutil.rmtree(root / "mk-out", ignore_errors=True)
     note = "dare_linear; mergekit rescales the kept entries to keep the L1 norm, not by 1/(1-p)"
     if rc == -9:
@@ -399,34 +490,53 @@ def bench_mergekit(pre: Path, post: Path, root: Path, env) -> dict | str:
 
 
 def table(results: dict) -> str:
-    lines = ["edits: speed as a fraction of Tensor.copy_ on the same tensor (copy_s / s; 1.0 = memory-bandwidth floor)",
-             f"{'edit':26s} {'ours s':>9s} {'copy s':>9s} {'ours':>7s} {'target':>7s} {'met':>4s} {'peft':>7s} {'mergekit':>9s} {'naive':>7s}"]  # fmt: skip
+    lines = [
+        "edits: speed as a fraction of Tensor.copy_ on the same tensor (copy_s / s; 1.0 = memory-bandwidth floor)",
+        f"{'edit':26s} {'ours s':>9s} {'copy s':>9s} {'ours':>7s} {'target':>7s} {'met':>4s} "
+        f"{'peft':>7s} {'mergekit':>9s} {'naive':>7s}",
+    ]
     for name, row in results["edits"].items():
         speed = row["copy_s"] / row["ours_s"]
         target = TARGETS.get(name)
-        peers = [f"{row['peers_copy_s'][p] / v:.3f}" if isinstance(v, float) else ("-" if v == "no such operation" else "n/t" if v == SKIPPED else "n/i")
-                 for p, v in row["peers"].items()]  # fmt: skip
+        peers = [
+            f"{row['peers_copy_s'][p] / v:.3f}"
+            if isinstance(v, float)
+            else ("-" if v == "no such operation" else "n/t" if v == SKIPPED else "n/i")
+            for p, v in row["peers"].items()
+        ]
         met = "" if target is None else ("yes" if speed >= target else "NO")
-        lines.append(f"{name:26s} {row['ours_s']:9.4f} {row['copy_s']:9.4f} {speed:7.3f} "
-                     f"{'' if target is None else target:>7} {met:>4s} {peers[0]:>7s} {peers[1]:>9s} {peers[2]:>7s}")  # fmt: skip
+        lines.append(
+            f"{name:26s} {row['ours_s']:9.4f} {row['copy_s']:9.4f} {speed:7.3f} "
+            f"{'' if target is None else target:>7} {met:>4s} {peers[0]:>7s} {peers[1]:>9s} {peers[2]:>7s}"
+        )
     lines.append("  (- : the peer has no such operation; n/i : not installed; n/t : not timed with --quick)")
     model = results.get("model_1b")
     if model:
         lines.append(f"synthetic model, {model['parameters'] / 1e9:.2f}B {model['dtype']} parameters, every tensor:")
-        lines += [f"  {k:22s} {v['ours_s']:8.3f} s  copy {v['copy_s']:8.3f} s  speed {v['copy_s'] / v['ours_s']:.3f}"
-                  for k, v in model.items() if isinstance(v, dict)]  # fmt: skip
+        lines += [
+            f"  {k:22s} {v['ours_s']:8.3f} s  copy {v['copy_s']:8.3f} s  speed {v['copy_s'] / v['ours_s']:.3f}"
+            for k, v in model.items()
+            if isinstance(v, dict)
+        ]
     lr = results.get("low_rank_error")
     if lr:
-        lines.append(f"low_rank svd='randomized' rank {lr['rank']} on {lr['shape'][0]}²: error {lr['error_over_optimal']:.4f}"
-                     f" × optimal; {lr['randomized_s']:.2f} s vs exact SVD {lr['exact_s']:.2f} s")  # fmt: skip
+        lines.append(
+            f"low_rank svd='randomized' rank {lr['rank']} on {lr['shape'][0]}²: error {lr['error_over_optimal']:.4f}"
+            f" × optimal; {lr['randomized_s']:.2f} s vs exact SVD {lr['exact_s']:.2f} s"
+        )
     s = results.get("streaming", {})
     if "skipped" in s:
         lines.append(f"streaming: skipped ({s['skipped']})")
     elif s:
-        lines.append(f"streaming: DARE p=0.9 over a {s['pair_bytes'] / 1e9:.2f} GB bf16 pair "
-                     f"(checkpoint {s['checkpoint_bytes'] / 1e9:.2f} GB, largest tensor {s['largest_tensor_bytes'] / 1e6:.0f} MB)")  # fmt: skip
-        lines.append(f"  read both + write one: {s['read_write_s']:.2f} s (median of {len(s['read_write_runs_s'])}); "
-                     f"python+torch start-up {s['startup_s']:.2f} s")
+        lines.append(
+            f"streaming: DARE p=0.9 over a {s['pair_bytes'] / 1e9:.2f} GB bf16 pair "
+            f"(checkpoint {s['checkpoint_bytes'] / 1e9:.2f} GB, "
+            f"largest tensor {s['largest_tensor_bytes'] / 1e6:.0f} MB)"
+        )
+        lines.append(
+            f"  read both + write one: {s['read_write_s']:.2f} s (median of {len(s['read_write_runs_s'])}); "
+            f"python+torch start-up {s['startup_s']:.2f} s"
+        )
         for key, label in (("", "float32"), ("_float64", "float64")):
             if f"ours_s{key}" not in s:
                 continue
@@ -434,14 +544,18 @@ def table(results: dict) -> str:
             if t is None:
                 lines.append(f"  unifieddelta edit --compute-dtype {label}: failed")
                 continue
-            lines.append(f"  unifieddelta edit --compute-dtype {label}: {t:.2f} s = {t / s['read_write_s']:.2f} × read+write"
-                         f" (target ≤ 2; {(t - s['startup_s']) / s['read_write_s']:.2f} × without the start-up);"
-                         f" peak RSS {rss / GiB:.2f} GiB vs bound {s['rss_bound_bytes'] / GiB:.2f} GiB"
-                         f" ({'met' if rss <= s['rss_bound_bytes'] else 'NOT met'})")  # fmt: skip
+            lines.append(
+                f"  unifieddelta edit --compute-dtype {label}: {t:.2f} s = {t / s['read_write_s']:.2f} × read+write"
+                f" (target ≤ 2; {(t - s['startup_s']) / s['read_write_s']:.2f} × without the start-up);"
+                f" peak RSS {rss / GiB:.2f} GiB vs bound {s['rss_bound_bytes'] / GiB:.2f} GiB"
+                f" ({'met' if rss <= s['rss_bound_bytes'] else 'NOT met'})"
+            )
         mk = s.get("mergekit")
         if isinstance(mk, dict):
-            lines.append(f"  mergekit {mk['note']}: {mk['s']:.2f} s = {mk['s'] / s['read_write_s']:.2f} × read+write,"
-                         f" peak RSS {mk['peak_rss_bytes'] / GiB:.2f} GiB")  # fmt: skip
+            lines.append(
+                f"  mergekit {mk['note']}: {mk['s']:.2f} s = {mk['s'] / s['read_write_s']:.2f} × read+write,"
+                f" peak RSS {mk['peak_rss_bytes'] / GiB:.2f} GiB"
+            )
         elif mk:
             lines.append(f"  mergekit: {mk}")
     return "\n".join(lines)
@@ -452,7 +566,9 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="4096² fp32 only, a 1 GB pair, no mergekit merge")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--no-streaming", action="store_true", help="skip the checkpoint streaming benchmark")
-    parser.add_argument("--device", default="cpu", help="cuda: bf16 edits on 8192² and a synthetic 1B model, no streaming")
+    parser.add_argument(
+        "--device", default="cpu", help="cuda: bf16 edits on 8192² and a synthetic 1B model, no streaming"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(THREADS)
     start = time.perf_counter()
@@ -463,7 +579,9 @@ def main(argv=None) -> int:
         results["edits"] = bench_edits(n, [torch.bfloat16], args.device)
         results["model_1b"] = bench_model(args.device)
     else:
-        results["edits"] = bench_edits(n, [torch.float32] if args.quick else [torch.float32, torch.bfloat16], quick=args.quick)
+        results["edits"] = bench_edits(
+            n, [torch.float32] if args.quick else [torch.float32, torch.bfloat16], quick=args.quick
+        )
         results["low_rank_error"] = low_rank_error(512 if args.quick else 1024)
         if not args.no_streaming:
             results["streaming"] = bench_streaming(args.quick, with_mergekit=not args.quick)

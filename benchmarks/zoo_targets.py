@@ -27,8 +27,8 @@ import pandas as pd
 
 from unifieddelta import zoo
 from unifieddelta.deltas import delta_stats
-from unifieddelta.settings import parse_settings
 from unifieddelta.evaluate import evaluate_lm
+from unifieddelta.settings import parse_settings
 
 #: A task "breaks" under an edit when it loses more than this (accuracy/exact match, in [0, 1]) against post.
 BREAK = 0.02
@@ -60,10 +60,11 @@ def measure_lm(name: str, pre, post, ps: list[float], seeds: int = 1) -> dict:
     rel = rel_change(pre, post)
     print(f"median per-matrix |dW|/|W_pre| = {rel:.4f}")
     table, times, per_seed = {}, {}, {}
-    models = [("pre", lambda: LlamaForCausalLM.from_pretrained(pre)),
-              ("post", lambda: LlamaForCausalLM.from_pretrained(post))]
-    models += [(f"DARE p={p} seed={s}", lambda p=p, s=s: dare_model(pre, post, p, s))
-               for p in ps for s in range(seeds)]
+    models = [
+        ("pre", lambda: LlamaForCausalLM.from_pretrained(pre)),
+        ("post", lambda: LlamaForCausalLM.from_pretrained(post)),
+    ]
+    models += [(f"DARE p={p} seed={s}", lambda p=p, s=s: dare_model(pre, post, p, s)) for p in ps for s in range(seeds)]
     for label, make in models:
         model = make()
         start = time.perf_counter()
@@ -78,13 +79,22 @@ def measure_lm(name: str, pre, post, ps: list[float], seeds: int = 1) -> dict:
     print(table.rename(columns=dict(zip(("pre", "post"), labels))).round(3).to_string())
     diff = (table["post"] - table["pre"]).round(3)
     print(f"{labels[1]} - {labels[0]} (points): " + ", ".join(f"{t} {100 * v:+.0f}" for t, v in diff.items()))
-    out = {"rel_change": rel, "scores": table.to_dict(), "eval_seconds": times, "dare_seeds": seeds,
-           "dare_per_seed": per_seed}
+    out = {
+        "rel_change": rel,
+        "scores": table.to_dict(),
+        "eval_seconds": times,
+        "dare_seeds": seeds,
+        "dare_per_seed": per_seed,
+    }
     if ps:
         if seeds > 1:
             worst = {p: pd.DataFrame(per_seed[f"DARE p={p}"]).min() - table["post"] for p in ps}
-            print(f"DARE columns: mean over seeds 0..{seeds - 1}; worst single seed, points below post: " + "; ".join(
-                f"p={p} " + ", ".join(f"{t} {100 * d:+.0f}" for t, d in w.items()) for p, w in worst.items()))
+            print(
+                f"DARE columns: mean over seeds 0..{seeds - 1}; worst single seed, points below post: "
+                + "; ".join(
+                    f"p={p} " + ", ".join(f"{t} {100 * d:+.0f}" for t, d in w.items()) for p, w in worst.items()
+                )
+            )
         at = breaks_at(table, ps)
         where = at if at is not None else f"> {max(ps)}"
         print(f"DARE breaks (some task > {100 * BREAK:.0f} points below post) at p = {where}")
@@ -106,12 +116,27 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--widths", action="store_true", help="also the LM width family")
     ap.add_argument("--names", nargs="*", help="only these pairs")
-    ap.add_argument("--dare-sweep", nargs="*", type=float, metavar="P",
-                    help="evaluate DARE at each p (default 0.3 0.5 0.7 0.9) instead of p=0.5 alone")
-    ap.add_argument("--dare-seeds", type=int, default=1, metavar="N",
-                    help="average DARE over seeds 0..N-1 (default 1: seed 0 alone)")
-    ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
-                    help="change a recipe field, e.g. sft_lr=5e-5 (default: the zoo's recipes)")
+    ap.add_argument(
+        "--dare-sweep",
+        nargs="*",
+        type=float,
+        metavar="P",
+        help="evaluate DARE at each p (default 0.3 0.5 0.7 0.9) instead of p=0.5 alone",
+    )
+    ap.add_argument(
+        "--dare-seeds",
+        type=int,
+        default=1,
+        metavar="N",
+        help="average DARE over seeds 0..N-1 (default 1: seed 0 alone)",
+    )
+    ap.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="change a recipe field, e.g. sft_lr=5e-5 (default: the zoo's recipes)",
+    )
     ap.add_argument("--json", help="write the measurements to this file")
     args = ap.parse_args()
     ps = [0.5] if args.dare_sweep is None else (args.dare_sweep or [0.3, 0.5, 0.7, 0.9])
@@ -126,13 +151,18 @@ def main() -> None:
         zoo.load_pair(name, recipe=recipe)
         hit = time.perf_counter() - start
         d = zoo.describe(name, recipe=recipe)
-        print(f"\n== {name}{' (' + ' '.join(args.set) + ')' if args.set else ''}: first call {built:.1f} s, "
-              f"second call {hit:.2f} s; metrics {d['metrics']}")
-        results[name] = {"first_call_seconds": built, "cache_hit_seconds": hit, "metrics": d["metrics"],
-                         "overrides": args.set}
+        print(
+            f"\n== {name}{' (' + ' '.join(args.set) + ')' if args.set else ''}: first call {built:.1f} s, "
+            f"second call {hit:.2f} s; metrics {d['metrics']}"
+        )
+        results[name] = {
+            "first_call_seconds": built,
+            "cache_hit_seconds": hit,
+            "metrics": d["metrics"],
+            "overrides": args.set,
+        }
         if not name.startswith("tiny-vit/"):
-            results[name].update(measure_lm(name, pre, post, [] if name == "tiny-lm-dpo" else ps,
-                                               args.dare_seeds))
+            results[name].update(measure_lm(name, pre, post, [] if name == "tiny-lm-dpo" else ps, args.dare_seeds))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(results, f, indent=1, default=str)

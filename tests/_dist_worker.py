@@ -21,10 +21,15 @@ def compute() -> dict:
     grad = approx.approximation_term(model, d, loss, points=3, rule="left", mode="grad")
     fwd = approx.approximation_term(model, d, loss, points=2, rule="gauss", mode="jvp")
     return {
-        "term": grad.term, "per_tensor": grad.per_tensor, "values": grad.values, "losses": grad.losses,
-        "forward_passes": grad.forward_passes, "jvp_term": fwd.term,
-        "loss_change": approx.loss_change(model, d, loss), "second_order": approx.second_order_term(model, d, loss),
-    }  # fmt: skip
+        "term": grad.term,
+        "per_tensor": grad.per_tensor,
+        "values": grad.values,
+        "losses": grad.losses,
+        "forward_passes": grad.forward_passes,
+        "jvp_term": fwd.term,
+        "loss_change": approx.loss_change(model, d, loss),
+        "second_order": approx.second_order_term(model, d, loss),
+    }
 
 
 if __name__ == "__main__":

@@ -46,10 +46,20 @@ def inspect(html_root: Path, pages: list[str]) -> dict[str, dict]:
             probe = html_root / f"_probe_{Path(page).stem}.html"
             probe.write_text(PROBE.format(page="/" + page))
             with tempfile.TemporaryDirectory() as profile:
-                cmd = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                       "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
-                       "--virtual-time-budget=20000", "--dump-dom",
-                       f"http://127.0.0.1:{server.server_port}/{probe.name}"]  # fmt: skip
+                cmd = [
+                    chromium(),
+                    "--headless",
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--disable-background-networking",
+                    "--disable-component-update",
+                    "--disable-sync",
+                    "--no-first-run",
+                    f"--user-data-dir={profile}",
+                    "--virtual-time-budget=20000",
+                    "--dump-dom",
+                    f"http://127.0.0.1:{server.server_port}/{probe.name}",
+                ]
                 dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
             probe.unlink()
             start, end = dom.find("RESULT"), dom.find("END", dom.find("RESULT"))

@@ -25,15 +25,36 @@ def gen(seed=0):
 
 def checkpoint_llama(seed: int = 0, vocab: int = 64, hidden: int = 16, layers: int = 2):
     """A float32 Llama with grouped-query attention and untied embeddings, for the checkpoint-editing tests."""
-    return llama(width=hidden, layers=layers, heads=2, kv_heads=1, vocab_size=vocab, intermediate=2 * hidden,
-                 max_positions=64, seed=seed).eval()
+    return llama(
+        width=hidden,
+        layers=layers,
+        heads=2,
+        kv_heads=1,
+        vocab_size=vocab,
+        intermediate=2 * hidden,
+        max_positions=64,
+        seed=seed,
+    ).eval()
 
 
 def f64_llama(seed: int = 0, attn: str = "sdpa", layers: int = 1):
     """A float64 Llama with tied embeddings, small enough for exact checks of the approximation term in well
     under a second."""
-    return llama(width=16, layers=layers, heads=2, vocab_size=64, intermediate=32, max_positions=64, tie=True,
-                 attn=attn, seed=seed).double().eval()
+    return (
+        llama(
+            width=16,
+            layers=layers,
+            heads=2,
+            vocab_size=64,
+            intermediate=32,
+            max_positions=64,
+            tie=True,
+            attn=attn,
+            seed=seed,
+        )
+        .double()
+        .eval()
+    )
 
 
 # --- saved checkpoints -----------------------------------------------------------------------------------------
@@ -85,13 +106,18 @@ def token_pairs(n: int = 6, seed: int = 1):
     out = []
     for i in range(n):
         lp, la = 3 + i % 3, 2 + i % 4
-        out.append((torch.randint(3, 64, (lp,), generator=g).tolist(), torch.randint(3, 64, (la,), generator=g).tolist()))
+        out.append(
+            (torch.randint(3, 64, (lp,), generator=g).tolist(), torch.randint(3, 64, (la,), generator=g).tolist())
+        )
     return out
 
 
 def random_direction(model: nn.Module, scale: float = 0.02, seed: int = 2):
     g = torch.Generator().manual_seed(seed)
-    return {n: scale * torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype) for n, p in model.named_parameters()}
+    return {
+        n: scale * torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype)
+        for n, p in model.named_parameters()
+    }
 
 
 def snapshot(model: nn.Module):
@@ -115,8 +141,17 @@ def gpt2_pair(root: Path):
 
     tok = train_tokenizer(generate.pretraining_texts(200), 300)
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=128, n_embd=32, n_layer=2, n_head=2,
-                                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+    model = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=len(tok),
+            n_positions=128,
+            n_embd=32,
+            n_layer=2,
+            n_head=2,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+    )
     for name, scale in (("pre", 0.0), ("post", 0.01)):
         with torch.no_grad():
             for p in model.parameters():

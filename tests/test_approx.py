@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import f64_llama, random_direction, snapshot, token_pairs, unchanged
 from torch import nn
 
-from helpers import f64_llama, random_direction, snapshot, token_pairs, unchanged
 from unifieddelta import approx, losses
 from unifieddelta.errors import InvalidParameterError, MismatchError, NonFiniteError
 
@@ -42,7 +42,10 @@ def loss_of(model):
 
 def poly_direction(scale=0.7):
     g = torch.Generator().manual_seed(5)
-    return {"a": scale * torch.randn(3, 2, generator=g, dtype=torch.float64), "b": scale * torch.randn(4, generator=g, dtype=torch.float64)}
+    return {
+        "a": scale * torch.randn(3, 2, generator=g, dtype=torch.float64),
+        "b": scale * torch.randn(4, generator=g, dtype=torch.float64),
+    }
 
 
 def flat(d):
@@ -52,7 +55,7 @@ def flat(d):
 def exact_change(model, d):
     with torch.no_grad():
         w, dw = model.w(), flat(d)
-        f = lambda x: 0.5 * x @ model.A @ x + model.c @ x + (model.k * x**3).sum() + (model.q * x**4).sum()  # noqa: E731
+        f = lambda x: 0.5 * x @ model.A @ x + model.c @ x + (model.k * x**3).sum() + (model.q * x**4).sum()
         return float(f(w + dw) - f(w))
 
 
@@ -68,13 +71,17 @@ def test_quadratic_left_rule_closed_form(C):
     assert res.values[0] == pytest.approx(g0, rel=1e-12)  # t = 0 is W itself
 
 
-@pytest.mark.parametrize("rule,C", [("midpoint", 1), ("midpoint", 4), ("trapezoid", 2), ("trapezoid", 5), ("gauss", 1), ("gauss", 3)])
+@pytest.mark.parametrize(
+    "rule,C", [("midpoint", 1), ("midpoint", 4), ("trapezoid", 2), ("trapezoid", 5), ("gauss", 1), ("gauss", 3)]
+)
 @pytest.mark.parametrize("mode", ["grad", "jvp"])
 def test_quadratic_exact_rules(rule, C, mode):
     model, d = Poly(), poly_direction()
     exact = exact_change(model, d)
     assert approx.loss_change(model, d, loss_of) == pytest.approx(exact, rel=1e-12)
-    assert approx.approximation_term(model, d, loss_of, points=C, rule=rule, mode=mode).term == pytest.approx(exact, rel=1e-12)
+    assert approx.approximation_term(model, d, loss_of, points=C, rule=rule, mode=mode).term == pytest.approx(
+        exact, rel=1e-12
+    )
 
 
 def test_cubic_gauss2_exact_left_not():
@@ -153,11 +160,13 @@ def test_jvp_matches_grad_on_llama(llama):
 def test_gauss_converges_to_loss_change(llama):
     model, d, loss = llama
     exact = approx.loss_change(model, d, loss)
-    errors = [abs(approx.approximation_term(model, d, loss, points=C, rule="gauss", mode="jvp").term - exact) for C in (1, 2, 4)]
+    errors = [
+        abs(approx.approximation_term(model, d, loss, points=C, rule="gauss", mode="jvp").term - exact)
+        for C in (1, 2, 4)
+    ]
     assert errors[2] < errors[0] and errors[2] < 1e-4 * abs(exact)
     left = approx.approximation_term(model, d, loss, points=5, rule="left", mode="jvp").term
     assert abs(left - exact) > errors[2]  # the paper's rule is first order in 1/C
-
 
 
 def test_second_order_term_on_llama(llama):
@@ -169,8 +178,12 @@ def test_second_order_term_on_llama(llama):
     model, d, loss = llama
     h = 0.01  # truncation error O((h|D|)²): 0.2 % here; smaller h meets the float32 rounding
     # the 2-point trapezoid rule on ±hD evaluates at W ± hD: values[1] = ⟨∇L(W ± hD), ±hD⟩ = ±h·f(±h)
-    plus = approx.approximation_term(model, {n: h * v for n, v in d.items()}, loss, points=2, rule="trapezoid", mode="jvp")
-    minus = approx.approximation_term(model, {n: -h * v for n, v in d.items()}, loss, points=2, rule="trapezoid", mode="jvp")
+    plus = approx.approximation_term(
+        model, {n: h * v for n, v in d.items()}, loss, points=2, rule="trapezoid", mode="jvp"
+    )
+    minus = approx.approximation_term(
+        model, {n: -h * v for n, v in d.items()}, loss, points=2, rule="trapezoid", mode="jvp"
+    )
     central = (plus.values[1] + minus.values[1]) / h / (2 * h)  # (f(h) − f(−h)) / 2h
     assert approx.second_order_term(model, d, loss) == pytest.approx(central / 2, rel=1e-2)
 
@@ -196,28 +209,47 @@ def test_bad_names_shapes_and_directions():
     model, d = Poly(), poly_direction()
     for f in (approx.loss_change, approx.second_order_term, approx.approximation_term):
         _raises_restored(model, MismatchError, "'nope'", lambda: f(model, {**d, "nope": torch.zeros(1)}, loss_of))
-        _raises_restored(model, MismatchError, r"direction\['a'\] has shape \(2, 3\)", lambda: f(model, {"a": torch.zeros(2, 3)}, loss_of))
+        _raises_restored(
+            model,
+            MismatchError,
+            r"direction\['a'\] has shape \(2, 3\)",
+            lambda: f(model, {"a": torch.zeros(2, 3)}, loss_of),
+        )
         _raises_restored(model, NonFiniteError, "'b'", lambda: f(model, {"b": torch.full((4,), math.nan)}, loss_of))
 
 
-@pytest.mark.parametrize("kwargs,match", [({"points": 0}, "points"), ({"points": 2.5}, "points"), ({"points": True}, "points"),
-                                          ({"rule": "simpson"}, "unknown rule"), ({"mode": "fd"}, "unknown mode"),
-                                          ({"rule": "trapezoid", "points": 1}, "trapezoid")])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"points": 0}, "points"),
+        ({"points": 2.5}, "points"),
+        ({"points": True}, "points"),
+        ({"rule": "simpson"}, "unknown rule"),
+        ({"mode": "fd"}, "unknown mode"),
+        ({"rule": "trapezoid", "points": 1}, "trapezoid"),
+    ],
+)
 def test_bad_points_rule_mode(kwargs, match):
     model, d = Poly(), poly_direction()
-    _raises_restored(model, InvalidParameterError, match, lambda: approx.approximation_term(model, d, loss_of, **kwargs))
+    _raises_restored(
+        model, InvalidParameterError, match, lambda: approx.approximation_term(model, d, loss_of, **kwargs)
+    )
 
 
 @pytest.mark.parametrize("mode", ["grad", "jvp"])
 def test_non_scalar_and_non_finite_losses(mode):
     model, d = Poly(), poly_direction()
-    vector = lambda m: m.w() * 2  # noqa: E731
-    _raises_restored(model, InvalidParameterError, "scalar", lambda: approx.approximation_term(model, d, vector, mode=mode))
+    vector = lambda m: m.w() * 2
+    _raises_restored(
+        model, InvalidParameterError, "scalar", lambda: approx.approximation_term(model, d, vector, mode=mode)
+    )
     _raises_restored(model, InvalidParameterError, "scalar", lambda: approx.loss_change(model, d, lambda m: 1.0))
     a0 = float(model.a[0, 0])
     # finite at t = 0, NaN once a[0, 0] has moved more than half-way along D: the first bad left node is t = 0.6
-    nan_past_half = lambda m: m() + torch.where((m.a[0, 0] - a0) / d["a"][0, 0] > 0.5, math.nan, 0.0)  # noqa: E731
-    _raises_restored(model, NonFiniteError, "t=0.6", lambda: approx.approximation_term(model, d, nan_past_half, mode=mode))
+    nan_past_half = lambda m: m() + torch.where((m.a[0, 0] - a0) / d["a"][0, 0] > 0.5, math.nan, 0.0)
+    _raises_restored(
+        model, NonFiniteError, "t=0.6", lambda: approx.approximation_term(model, d, nan_past_half, mode=mode)
+    )
     _raises_restored(model, NonFiniteError, "t=1", lambda: approx.loss_change(model, d, nan_past_half))
 
 
@@ -232,20 +264,30 @@ def test_loss_raising_midway_restores_llama(llama, mode):
             raise RuntimeError("data loader died")
         return loss(m)
 
-    _raises_restored(model, RuntimeError, "data loader died", lambda: approx.approximation_term(model, d, flaky, mode=mode))
+    _raises_restored(
+        model, RuntimeError, "data loader died", lambda: approx.approximation_term(model, d, flaky, mode=mode)
+    )
     assert model.config._attn_implementation == "sdpa"
     calls.clear()
-    _raises_restored(model, RuntimeError, "data loader died", lambda: approx.second_order_term(model, d, lambda m: (flaky(m), flaky(m), flaky(m))[0]))
+    _raises_restored(
+        model,
+        RuntimeError,
+        "data loader died",
+        lambda: approx.second_order_term(model, d, lambda m: (flaky(m), flaky(m), flaky(m))[0]),
+    )
     assert model.config._attn_implementation == "sdpa"
 
 
 def test_jvp_without_forward_derivative_says_so():
-    """A model calling a fused attention kernel itself (no Hugging Face switch to eager): a clear error, model intact."""
+    """A model calling a fused attention kernel itself (no Hugging Face switch to eager): a clear error, model
+    intact."""
 
     class Fused(nn.Module):
         def __init__(self):
             super().__init__()
-            self.w = nn.Parameter(torch.randn(1, 1, 4, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+            self.w = nn.Parameter(
+                torch.randn(1, 1, 4, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+            )
 
         def forward(self, w=None):
             w = self.w if w is None else w
@@ -258,7 +300,9 @@ def test_jvp_without_forward_derivative_says_so():
         slope = float(model(model.w + h * d["w"]) - model(model.w - h * d["w"])) / (2 * h)
     grad = approx.approximation_term(model, d, loss_of, points=1, mode="grad").term
     assert grad == pytest.approx(slope, rel=1e-7) and abs(slope) > 1e-3
-    _raises_restored(model, NotImplementedError, "mode='grad'", lambda: approx.approximation_term(model, d, loss_of, mode="jvp"))
+    _raises_restored(
+        model, NotImplementedError, "mode='grad'", lambda: approx.approximation_term(model, d, loss_of, mode="jvp")
+    )
 
 
 # ---------------------------------------------------------------------------------------------- the model is left alone
@@ -284,8 +328,11 @@ def _state(model):
 
 def _same_state(model, before, training):
     now = _state(model)
-    return now.keys() == before.keys() and all(torch.equal(now[n], before[n]) for n in now) and all(
-        m.training == training[i] for i, m in enumerate(model.modules()))
+    return (
+        now.keys() == before.keys()
+        and all(torch.equal(now[n], before[n]) for n in now)
+        and all(m.training == training[i] for i, m in enumerate(model.modules()))
+    )
 
 
 QUANTITIES = {

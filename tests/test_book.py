@@ -9,16 +9,33 @@ from pathlib import Path
 
 import nbformat
 import pytest
-
 from browser import chromium, inspect
 from conftest import needs
+
 from unifieddelta import pipeline
 
 REPO = Path(__file__).resolve().parents[1]
-CHAPTERS = ["delta", "identity", "dare", "kfamily", "randomness", "dare_works", "bitdelta", "structure", "expo",
-            "minilm", "classification", "reproduction", "predicts", "own_models"]
-BROWSER = needs(chromium() is not None, "no Chromium on this machine (apt-get install chromium)",
-                strict="UNIFIEDDELTA_REQUIRE_BROWSER")
+CHAPTERS = [
+    "delta",
+    "identity",
+    "dare",
+    "kfamily",
+    "randomness",
+    "dare_works",
+    "bitdelta",
+    "structure",
+    "expo",
+    "minilm",
+    "classification",
+    "reproduction",
+    "predicts",
+    "own_models",
+]
+BROWSER = needs(
+    chromium() is not None,
+    "no Chromium on this machine (apt-get install chromium)",
+    strict="UNIFIEDDELTA_REQUIRE_BROWSER",
+)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +75,9 @@ def test_smoke_notebooks_execute_and_hide_their_parameters(smoke_book):
         nb = nbformat.read(root / "book" / "generated" / f"{name}.ipynb", as_version=4)
         injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
         assert injected and "remove-cell" in injected[0].metadata["tags"] and "smoke = True" in injected[0].source
-        errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
+        errors = [
+            o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"
+        ]
         assert not errors
         html = (root / "_build" / "html" / "book" / "generated" / f"{name}.html").read_text()
         assert "papermill injects" not in html and "smoke = True" not in html  # neither parameters cell shows
@@ -71,12 +90,18 @@ def test_every_glued_number_is_defined(smoke_book):
     root, _ = smoke_book
     for name in CHAPTERS:
         nb = nbformat.read(root / "book" / "generated" / f"{name}.ipynb", as_version=4)
-        glued = {o["metadata"]["scrapbook"]["name"] for c in nb.cells if c.cell_type == "code"
-                 for o in c.get("outputs", []) if "scrapbook" in o.get("metadata", {})}  # fmt: skip
+        glued = {
+            o["metadata"]["scrapbook"]["name"]
+            for c in nb.cells
+            if c.cell_type == "code"
+            for o in c.get("outputs", [])
+            if "scrapbook" in o.get("metadata", {})
+        }
         import re
 
-        used = {m for c in nb.cells if c.cell_type == "markdown"
-                for m in re.findall(r"\{glue:text\}`([^`:]+)", c.source)}  # fmt: skip
+        used = {
+            m for c in nb.cells if c.cell_type == "markdown" for m in re.findall(r"\{glue:text\}`([^`:]+)", c.source)
+        }
         assert used <= glued, (name, used - glued)
 
 
@@ -99,8 +124,9 @@ def _check_pages(html: Path) -> None:
 
 @BROWSER
 def test_the_browser_check_sees_broken_pages(tmp_path):
-    (tmp_path / "bad.html").write_text("<html><body><p>Traceback (most recent call last):</p>"
-                                       "<img src='missing.png'></body></html>")
+    (tmp_path / "bad.html").write_text(
+        "<html><body><p>Traceback (most recent call last):</p><img src='missing.png'></body></html>"
+    )
     result = inspect(tmp_path, ["bad.html"])["bad.html"]
     assert result["broken"] == ["missing.png"] and result["traceback"] and result["math"] == 0
 
@@ -109,7 +135,9 @@ BUILT = Path(os.environ.get("UNIFIEDDELTA_BOOK_HTML", REPO / "_build" / "html"))
 
 
 @BROWSER
-@needs((BUILT / "index.html").is_file(), f"no built book at {BUILT} (run make book)", strict="UNIFIEDDELTA_REQUIRE_BROWSER")
+@needs(
+    (BUILT / "index.html").is_file(), f"no built book at {BUILT} (run make book)", strict="UNIFIEDDELTA_REQUIRE_BROWSER"
+)
 def test_built_book_in_a_browser():
     """``make check-book``: the book ``make book`` built."""
     _check_pages(BUILT)
@@ -119,13 +147,18 @@ def test_a_chapter_runs_on_a_pair_of_another_architecture(tmp_path):
     """The DARE chapter pointed at two GPT-2 checkpoints (pre/post): scored on the project's tasks with the pair's
     own tokenizer."""
     import papermill
-
     from helpers import gpt2_pair
 
     pre, post = gpt2_pair(tmp_path)
     out = tmp_path / "dare.ipynb"
-    papermill.execute_notebook(str(REPO / "notebooks" / "dare.ipynb"), str(out), cwd=str(tmp_path), kernel_name="python3",
-                               parameters={"pre": str(pre), "post": str(post), "smoke": True}, progress_bar=False)
+    papermill.execute_notebook(
+        str(REPO / "notebooks" / "dare.ipynb"),
+        str(out),
+        cwd=str(tmp_path),
+        kernel_name="python3",
+        parameters={"pre": str(pre), "post": str(post), "smoke": True},
+        progress_bar=False,
+    )
     nb = nbformat.read(out, as_version=4)
     assert not [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
     from unifieddelta import chapters, experiments
@@ -158,10 +191,15 @@ def test_the_paper_profiles_path_on_local_checkpoints(tmp_path):
     pre, post = gpt2_pair(tmp_path)
     qa, other, prefs = tmp_path / "qa.jsonl", tmp_path / "other.jsonl", tmp_path / "prefs.jsonl"
     qa.write_text("".join(json.dumps({"question": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n" for i in range(4)))
-    other.write_text("".join(json.dumps({"instruction": f"Repeat {i}.", "input": "", "output": str(i)}) + "\n"
-                             for i in range(4)))
-    prefs.write_text("".join(json.dumps({"prompt": f"What is {i} + 1?", "chosen": str(i + 1), "rejected": str(i)})
-                             + "\n" for i in range(4)))
+    other.write_text(
+        "".join(json.dumps({"instruction": f"Repeat {i}.", "input": "", "output": str(i)}) + "\n" for i in range(4))
+    )
+    prefs.write_text(
+        "".join(
+            json.dumps({"prompt": f"What is {i} + 1?", "chosen": str(i + 1), "rejected": str(i)}) + "\n"
+            for i in range(4)
+        )
+    )
     profile = tmp_path / "mine.yaml"
     profile.write_text(f"""extends: paper
 defaults: {{device: cpu, dtype: float32, smoke: true, pre: "{pre}", post: "{post}", loss_data: "{qa}",
@@ -186,5 +224,7 @@ notebooks:
     assert predicts.stored() == (len(predicts.trials), len(predicts.trials))
     assert any(p.loss_data == str(other) for p in predicts.pairs)
     table = experiments.table(predicts.trials)
-    assert set(experiments.scores(table[table.pair.str.contains("dpo") | (table.method == "extrapolate")]).task) \
-        >= {"ud_add", "preference"}
+    assert set(experiments.scores(table[table.pair.str.contains("dpo") | (table.method == "extrapolate")]).task) >= {
+        "ud_add",
+        "preference",
+    }

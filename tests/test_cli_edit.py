@@ -11,17 +11,11 @@ import sys
 import pandas as pd
 import pytest
 import torch
-
 from helpers import load_tensors
+
 from unifieddelta import deltas
 from unifieddelta.cli import main
-from unifieddelta.errors import (
-    CheckpointError,
-    InvalidParameterError,
-    MismatchError,
-    NonFiniteError,
-    OutputExistsError,
-)
+from unifieddelta.errors import CheckpointError, InvalidParameterError, MismatchError, NonFiniteError, OutputExistsError
 
 
 def run(capsys, *argv):
@@ -48,8 +42,24 @@ def test_edit_round_trip_loads_and_matches_the_library(pair, tmp_path, capsys):
 
     pre, post, _ = pair
     out = tmp_path / "dare"
-    rc, stdout, err = run(capsys, "edit", "--pre", pre, "--post", post, "--method", "dare", "--set", "p=0.9",
-                          "--set", "k=0", "--seed", "0", "--out", out)  # fmt: skip
+    rc, stdout, err = run(
+        capsys,
+        "edit",
+        "--pre",
+        pre,
+        "--post",
+        post,
+        "--method",
+        "dare",
+        "--set",
+        "p=0.9",
+        "--set",
+        "k=0",
+        "--seed",
+        "0",
+        "--out",
+        out,
+    )
     assert rc == 0 and stdout.strip() == f"edited checkpoint: {out}"
     model = LlamaForCausalLM.from_pretrained(out)
     ref = deltas.apply_edit(pre, post, "dare", p=0.9, k=0, seed=0)
@@ -61,14 +71,35 @@ def test_edit_round_trip_loads_and_matches_the_library(pair, tmp_path, capsys):
 def test_edit_settings_are_typed_and_selection_applies(pair, tmp_path, capsys):
     pre, post, _ = pair
     out = tmp_path / "bd"
-    rc, _, _ = run(capsys, "edit", "--pre", pre, "--post", post, "--method", "bitdelta", "--set", "bits=2",
-                   "--set", "scale=1.5", "--include", "mlp", "--exclude", "layers.1", "--out", out)  # fmt: skip
+    rc, _, _ = run(
+        capsys,
+        "edit",
+        "--pre",
+        pre,
+        "--post",
+        post,
+        "--method",
+        "bitdelta",
+        "--set",
+        "bits=2",
+        "--set",
+        "scale=1.5",
+        "--include",
+        "mlp",
+        "--exclude",
+        "layers.1",
+        "--out",
+        out,
+    )
     assert rc == 0
     got, b = load_tensors(out), load_tensors(post)
     changed = {n for n in b if not torch.equal(got[n], b[n])}
     assert changed == {n for n in b if "mlp" in n and "layers.1" not in n}
-    ref = load_tensors(deltas.apply_edit(pre, post, "bitdelta", bits=2, scale=1.5, include="mlp", exclude="layers.1",
-                                         out=tmp_path / "ref"))  # fmt: skip
+    ref = load_tensors(
+        deltas.apply_edit(
+            pre, post, "bitdelta", bits=2, scale=1.5, include="mlp", exclude="layers.1", out=tmp_path / "ref"
+        )
+    )
     assert all(torch.equal(got[n], ref[n]) for n in ref)
 
 
@@ -90,7 +121,9 @@ def bad(pair, tmp_path_factory):
     shutil.copytree(pre, root / "truncated")
     data = (pre / "model.safetensors").read_bytes()
     (root / "truncated" / "model.safetensors").write_bytes(data[: len(data) // 2])
-    GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=64, n_positions=32)).save_pretrained(root / "gpt2")
+    GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=64, n_positions=32)).save_pretrained(
+        root / "gpt2"
+    )
     shutil.copytree(post, root / "nan")
     tensors = load_tensors(post)
     tensors["model.layers.0.mlp.up_proj.weight"][3, 4] = float("nan")
@@ -119,24 +152,71 @@ def bad(pair, tmp_path_factory):
 # name: (pre, post, method, settings, extra argv, exception, text the message must contain)
 BAD = {
     "missing path": ("{tmp}/no-such-folder", "{post}", "dare", ["p=0.5"], [], CheckpointError, "no such file"),
-    "not a checkpoint": ("{bad}/not-a-checkpoint", "{post}", "dare", ["p=0.5"], [], CheckpointError, "not a checkpoint"),
+    "not a checkpoint": (
+        "{bad}/not-a-checkpoint",
+        "{post}",
+        "dare",
+        ["p=0.5"],
+        [],
+        CheckpointError,
+        "not a checkpoint",
+    ),
     "corrupt safetensors": ("{bad}/corrupt", "{post}", "dare", ["p=0.5"], [], CheckpointError, "corrupt"),
     "truncated safetensors": ("{bad}/truncated", "{post}", "dare", ["p=0.5"], [], CheckpointError, "truncated"),
     "architectures differ": ("{bad}/gpt2", "{post}", "dare", ["p=0.5"], [], MismatchError, "'gpt2'"),
     "nan in delta": ("{pre}", "{bad}/nan", "dare", ["p=0.5"], [], NonFiniteError, "up_proj"),
     "unknown method": ("{pre}", "{post}", "tiesx", [], [], InvalidParameterError, "unknown method 'tiesx'"),
     "p out of range": ("{pre}", "{post}", "dare", ["p=1.0"], [], InvalidParameterError, "p must be in [0, 1)"),
-    "keep out of range": ("{pre}", "{post}", "magnitude_trim", ["keep=0"], [], InvalidParameterError, "keep must be in (0, 1]"),
-    "rank above min(m, n)": ("{pre}", "{post}", "low_rank", ["rank=9"], [], InvalidParameterError, "exceeds min(m, n) = 8"),
-    "bits negative": ("{pre}", "{post}", "bitdelta", ["bits=-1"], [], InvalidParameterError, "bits must be an integer >= 0"),
+    "keep out of range": (
+        "{pre}",
+        "{post}",
+        "magnitude_trim",
+        ["keep=0"],
+        [],
+        InvalidParameterError,
+        "keep must be in (0, 1]",
+    ),
+    "rank above min(m, n)": (
+        "{pre}",
+        "{post}",
+        "low_rank",
+        ["rank=9"],
+        [],
+        InvalidParameterError,
+        "exceeds min(m, n) = 8",
+    ),
+    "bits negative": (
+        "{pre}",
+        "{post}",
+        "bitdelta",
+        ["bits=-1"],
+        [],
+        InvalidParameterError,
+        "bits must be an integer >= 0",
+    ),
     "out exists": ("{pre}", "{post}", "dare", ["p=0.5"], ["exists"], OutputExistsError, "exists"),
-    "vocabulary shrank": ("{pre}", "{bad}/shrunk", "dare", ["p=0.5"], [], MismatchError, "shape (64, 16) in pre but (60, 16) in post"),
+    "vocabulary shrank": (
+        "{pre}",
+        "{bad}/shrunk",
+        "dare",
+        ["p=0.5"],
+        [],
+        MismatchError,
+        "shape (64, 16) in pre but (60, 16) in post",
+    ),
     "corrupt config.json": ("{pre}", "{bad}/bad-config", "dare", ["p=0.5"], [], CheckpointError, "unreadable config"),
     "unreadable index": ("{pre}", "{bad}/bad-index", "dare", ["p=0.5"], [], CheckpointError, "unreadable index"),
-    "index names a missing tensor": ("{pre}", "{bad}/index-lies", "dare", ["p=0.5"], [], CheckpointError,
-                                     "'model.ghost.weight' listed in the index is not in the file"),
+    "index names a missing tensor": (
+        "{pre}",
+        "{bad}/index-lies",
+        "dare",
+        ["p=0.5"],
+        [],
+        CheckpointError,
+        "'model.ghost.weight' listed in the index is not in the file",
+    ),
     "corrupt post": ("{pre}", "{bad}/corrupt-post", "dare", ["p=0.5"], [], CheckpointError, "corrupt"),
-}  # fmt: skip
+}
 
 
 PROGRESS = re.compile(r"^\w+: +\d+%\|")  # a tqdm line: "dare:  24%|██▍  | 5/21 ..."
@@ -173,7 +253,10 @@ def test_console_prints_one_line_and_exits_non_zero(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     proc = subprocess.run(
         [sys.executable, "-m", "unifieddelta.cli", "stats", "--pre", str(tmp_path / "nope"), "--post", str(tmp_path)],
-        capture_output=True, text=True, env=env, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip() == f"unifieddelta stats: error: {tmp_path / 'nope'}: no such file or folder"

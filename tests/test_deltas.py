@@ -7,9 +7,9 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from helpers import checkpoint_llama, load_tensors, post_of, save
 from safetensors.torch import load_file, save_file
 
-from helpers import checkpoint_llama, load_tensors, post_of, save
 from unifieddelta import deltas, edits
 from unifieddelta.errors import InvalidParameterError, MismatchError, NonFiniteError
 
@@ -84,10 +84,15 @@ def test_delta_stats_against_numpy(pair):
         assert row.shape == d.shape and row.numel == d.size
         np.testing.assert_allclose(
             [row.norm, row.mean_abs, row.rel_change, row.frac_zero, row.max_abs],
-            [np.sqrt((d**2).sum()), np.abs(d).mean(), np.sqrt((d**2).sum()) / np.sqrt((a[row.name].double().numpy() ** 2).sum()),
-             (d == 0).mean(), np.abs(d).max()],
+            [
+                np.sqrt((d**2).sum()),
+                np.abs(d).mean(),
+                np.sqrt((d**2).sum()) / np.sqrt((a[row.name].double().numpy() ** 2).sum()),
+                (d == 0).mean(),
+                np.abs(d).max(),
+            ],
             rtol=1e-12,
-        )  # fmt: skip
+        )
 
 
 def test_delta_stats_counts_exact_zeros(tmp_path):
@@ -171,7 +176,7 @@ def test_same_seed_same_checkpoint_whatever_the_sharding_order_or_threads(pair, 
 
 
 def test_tensor_generator_depends_on_seed_and_name_only():
-    draw = lambda s, n: torch.rand(5, generator=deltas.tensor_generator(s, n))  # noqa: E731
+    draw = lambda s, n: torch.rand(5, generator=deltas.tensor_generator(s, n))
     assert torch.equal(draw(1, "a.weight"), draw(1, "a.weight"))
     assert not torch.equal(draw(1, "a.weight"), draw(1, "b.weight"))
     assert not torch.equal(draw(1, "a.weight"), draw(2, "a.weight"))
@@ -325,7 +330,9 @@ def test_hub_ids_resolve_through_the_hub_cache_and_fail_clearly(pair, monkeypatc
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **kw: asked.append(repo) or str(post))
     names = [n for n, _ in deltas.iter_deltas(pre, "someone/tiny-post")]
     assert asked == ["someone/tiny-post"] and names == list(load_tensors(post))
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **kw: (_ for _ in ()).throw(OSError("offline")))
+    monkeypatch.setattr(
+        huggingface_hub, "snapshot_download", lambda repo, **kw: (_ for _ in ()).throw(OSError("offline"))
+    )
     with pytest.raises(CheckpointError, match="not a reachable hub id"):
         deltas.delta_stats(pre, "someone/absent")
 
@@ -369,8 +376,12 @@ def test_every_path_closes_the_checkpoints_it_opens(pair, monkeypatch):
     monkeypatch.setattr(deltas, "open_checkpoint", spy_open)
     monkeypatch.setattr(checkpoints.Checkpoint, "close", spy_close)
     pre, post, _ = pair
-    for call in (lambda: deltas.direction(pre, post, "dare", p=0.5), lambda: deltas.delta_stats(pre, post),
-                 lambda: list(deltas.iter_deltas(pre, post)), lambda: deltas.apply_edit(pre, post, "bitdelta")):
+    for call in (
+        lambda: deltas.direction(pre, post, "dare", p=0.5),
+        lambda: deltas.delta_stats(pre, post),
+        lambda: list(deltas.iter_deltas(pre, post)),
+        lambda: deltas.apply_edit(pre, post, "bitdelta"),
+    ):
         opened.clear(), closed.clear()
         call()
         assert len(opened) == 2 and all(any(c is o for c in closed) for o in opened)
@@ -382,8 +393,16 @@ def test_a_folder_pairs_with_a_module_whose_names_transformers_converted(tmp_pat
     .q_proj): a saved folder and a loaded module still pair tensor by tensor, every parameter edited."""
     from transformers import ViTConfig, ViTForImageClassification
 
-    config = ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=16, num_hidden_layers=1,
-                       num_attention_heads=2, intermediate_size=32, num_labels=3)
+    config = ViTConfig(
+        image_size=8,
+        patch_size=4,
+        num_channels=1,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=3,
+    )
     torch.manual_seed(0)
     pre = ViTForImageClassification(config)
     pre.save_pretrained(tmp_path / "pre")

@@ -6,10 +6,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import gen, rand
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import gen, rand
 from unifieddelta import edits
 from unifieddelta.errors import InvalidParameterError, MismatchError
 
@@ -49,8 +49,10 @@ def ref_uniforms(n, generator, offset=0):
         x = (x * 0x846CA68B) & M32
         return x ^ (x >> 16)
 
-    return [(lowbias32(lowbias32((i % 2**31) ^ k0) ^ ((k1 + i // 2**31) & M32)) >> 8) / 2**24
-            for i in range(offset, offset + n)]
+    return [
+        (lowbias32(lowbias32((i % 2**31) ^ k0) ^ ((k1 + i // 2**31) & M32)) >> 8) / 2**24
+        for i in range(offset, offset + n)
+    ]
 
 
 def ref_mask(shape, p, generator, offset=0):
@@ -129,12 +131,15 @@ def test_stream_matches_reference_across_the_2_31_boundary_and_in_blocks():
     assert got.tolist() == [int(u * 2**24) for u in ref_uniforms(600, gen(3), offset=start)]
     delta = rand(50, 40, seed=4)
     whole = edits.dare(delta, 0.6, 0.5, generator=gen(9))
-    blocks = [edits.dare(delta[r:r + 7], 0.6, 0.5, generator=gen(9), offset=r * 40) for r in range(0, 50, 7)]
+    blocks = [edits.dare(delta[r : r + 7], 0.6, 0.5, generator=gen(9), offset=r * 40) for r in range(0, 50, 7)]
     assert torch.equal(torch.cat(blocks), whole)
     big = rand(4, seed=5)
-    torch.testing.assert_close(edits.dare(big, 0.5, generator=gen(2), offset=start),
-                               ref_masked_rescale(big, ref_mask(big.shape, 0.5, gen(2), start), 0.5, 0.0),
-                               rtol=1e-15, atol=0)
+    torch.testing.assert_close(
+        edits.dare(big, 0.5, generator=gen(2), offset=start),
+        ref_masked_rescale(big, ref_mask(big.shape, 0.5, gen(2), start), 0.5, 0.0),
+        rtol=1e-15,
+        atol=0,
+    )
 
 
 def test_stream_is_uniform_and_independent_across_keys_and_neighbours():
@@ -194,7 +199,9 @@ def test_product_biased_needs_a_gradient_of_the_same_shape():
 def test_bitdelta_matches_loop(bits, scale):
     delta = rand(11, 7, seed=14)
     delta[0, :3] = 0.0  # zeros keep sign 0
-    torch.testing.assert_close(edits.bitdelta(delta, bits, scale=scale), ref_bitdelta(delta, bits, scale), rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(
+        edits.bitdelta(delta, bits, scale=scale), ref_bitdelta(delta, bits, scale), rtol=1e-13, atol=1e-15
+    )
 
 
 def test_bitdelta_one_bit_is_mean_magnitude_times_sign():
@@ -399,12 +406,23 @@ def test_property_magnitude_trim_count_and_threshold(n, keep, seed):
 
 
 def test_registry_declares_what_the_driver_needs():
-    assert set(edits.EDITS) == {"dare", "drop_only", "bitdelta", "low_rank", "magnitude_trim", "extrapolate",
-                                "sign_biased", "product_biased", "gaussian"}
+    assert set(edits.EDITS) == {
+        "dare",
+        "drop_only",
+        "bitdelta",
+        "low_rank",
+        "magnitude_trim",
+        "extrapolate",
+        "sign_biased",
+        "product_biased",
+        "gaussian",
+    }
     assert all(edits.EDITS[name].fn.__name__ == name for name in edits.EDITS)
-    seeded = {m for m, s in edits.EDITS.items() if s.seeded(edits.with_defaults(m, {"p": 0.5, "keep": 0.5, "rank": 1,
-                                                                                  "alpha": 0.1, "k": 0.5,
-                                                                                  "sigma": 0.1}))}
+    seeded = {
+        m
+        for m, s in edits.EDITS.items()
+        if s.seeded(edits.with_defaults(m, {"p": 0.5, "keep": 0.5, "rank": 1, "alpha": 0.1, "k": 0.5, "sigma": 0.1}))
+    }
     assert seeded == {"dare", "drop_only", "gaussian"}  # BitDelta draws only for random magnitudes
     assert edits.spec("bitdelta").seeded({"magnitudes": "uniform"})
     assert {m for m, s in edits.EDITS.items() if s.entrywise} == {"dare", "drop_only", "extrapolate"}
@@ -416,10 +434,16 @@ def test_registry_declares_what_the_driver_needs():
         edits.get_method("tiesx")
 
 
-@pytest.mark.parametrize("method,params,match", [
-    ("dare", {"q": 0.5}, "unknown parameter"), ("dare", {}, "missing parameter"), ("dare", {"p": 1.0}, r"p must"),
-    ("low_rank", {"rank": -1}, "rank"), ("bitdelta", {"bits": 2, "magnitudes": "normal"}, "bits=0"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "method,params,match",
+    [
+        ("dare", {"q": 0.5}, "unknown parameter"),
+        ("dare", {}, "missing parameter"),
+        ("dare", {"p": 1.0}, r"p must"),
+        ("low_rank", {"rank": -1}, "rank"),
+        ("bitdelta", {"bits": 2, "magnitudes": "normal"}, "bits=0"),
+    ],
+)
 def test_check_settings_names_the_method_and_the_setting(method, params, match):
     with pytest.raises(InvalidParameterError, match=match) as info:
         edits.check_settings(method, params)
@@ -443,8 +467,9 @@ def test_dare_is_masked_rescale_with_the_stream_mask(p, k):
     mask = edits.dare_mask(delta.shape, p, gen(6))
     assert torch.equal(edits.dare(delta, p, k, generator=gen(6)), edits.masked_rescale(delta, mask, p, k))
     big = rand(300, 250, seed=5)  # the C kernel (>= 65,536 entries)
-    assert torch.equal(edits.dare(big, p, k, generator=gen(7)),
-                       edits.masked_rescale(big, edits.dare_mask(big.shape, p, gen(7)), p, k))
+    assert torch.equal(
+        edits.dare(big, p, k, generator=gen(7)), edits.masked_rescale(big, edits.dare_mask(big.shape, p, gen(7)), p, k)
+    )
 
 
 @pytest.mark.parametrize(
@@ -471,17 +496,44 @@ def test_dare_is_masked_rescale_with_the_stream_mask(p, k):
         lambda d: edits.dare(d, 0.5, offset=-1),
         lambda d: edits.drop_only(d, 0.5, offset=2.0),
     ],
-    ids=["p=1", "p<0", "p=nan", "k=inf", "drop p>1", "keep=0", "keep>1", "rank>min", "rank=0.0", "rank<0",
-         "bits<0", "bits float", "scale<0", "magnitudes", "bits+random", "alpha nan", "integer delta",
-         "integer dare", "offset<0", "offset float"],
-)  # fmt: skip
+    ids=[
+        "p=1",
+        "p<0",
+        "p=nan",
+        "k=inf",
+        "drop p>1",
+        "keep=0",
+        "keep>1",
+        "rank>min",
+        "rank=0.0",
+        "rank<0",
+        "bits<0",
+        "bits float",
+        "scale<0",
+        "magnitudes",
+        "bits+random",
+        "alpha nan",
+        "integer delta",
+        "integer dare",
+        "offset<0",
+        "offset float",
+    ],
+)
 def test_parameters_out_of_range_raise(call):
     with pytest.raises(InvalidParameterError):
         call(rand(4, 3))
 
 
-@pytest.mark.parametrize("method,params", [("dare", {"p": 0.5}), ("drop_only", {"p": 0.5}), ("bitdelta", {}),
-                                           ("magnitude_trim", {"keep": 0.5}), ("extrapolate", {"alpha": 0.5})])
+@pytest.mark.parametrize(
+    "method,params",
+    [
+        ("dare", {"p": 0.5}),
+        ("drop_only", {"p": 0.5}),
+        ("bitdelta", {}),
+        ("magnitude_trim", {"keep": 0.5}),
+        ("extrapolate", {"alpha": 0.5}),
+    ],
+)
 def test_a_0d_delta_is_edited_like_a_one_entry_tensor(method, params):
     scalar = torch.tensor(0.3, dtype=torch.float64)
     extra = {"generator": gen(3)} if edits.spec(method).seeded(params) else {}

@@ -5,8 +5,8 @@ import math
 
 import pytest
 import torch
-
 from helpers import rand
+
 from unifieddelta import edits
 from unifieddelta.errors import InvalidParameterError
 
@@ -72,7 +72,11 @@ def test_low_rank_svd_option_is_checked():
 @pytest.mark.parametrize("alpha", [0.5, -0.3, 1e-3, 7.25, -1.0, 1 / 3])
 def test_half_precision_extrapolation_equals_the_float32_computation(dtype, alpha):
     g = torch.Generator().manual_seed(8)
-    values = torch.cat([torch.randn(200_000, generator=g) * 10.0 ** torch.randint(-9, 5, (200_000,), generator=g),
-                        torch.tensor([0.0, -0.0, 6e-8, 65504.0, 3e38])]).to(dtype)  # fmt: skip
+    values = torch.cat(
+        [
+            torch.randn(200_000, generator=g) * 10.0 ** torch.randint(-9, 5, (200_000,), generator=g),
+            torch.tensor([0.0, -0.0, 6e-8, 65504.0, 3e38]),
+        ]
+    ).to(dtype)
     values = values[torch.isfinite(values)]  # deltas are finite (the editor refuses others)
     assert torch.equal(edits.extrapolate(values, alpha), (values.float() * (1.0 + alpha)).to(dtype))

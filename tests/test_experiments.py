@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
-
 from helpers import gpt2_pair
+
 from unifieddelta import approx, deltas, experiments, losses
 from unifieddelta.errors import CheckpointError, InvalidParameterError
 
@@ -35,16 +35,19 @@ def test_keys_fill_defaults_and_ignore_the_seed_of_deterministic_edits(lm):
     assert experiments.pair("tiny-lm").identity() != lm.identity()  # the smoke recipe is another pair
 
 
-@pytest.mark.parametrize("call,match", [
-    (lambda p: experiments.trial(p, "daree", {}), "unknown method"),
-    (lambda p: experiments.trial(p, "dare", {"q": 1}), "unknown parameter"),
-    (lambda p: experiments.trial(p, "dare", {"p": 1.0}), r"p must be in \[0, 1\)"),
-    (lambda p: experiments.trial(p, "low_rank", {"rank": -2}), "rank"),
-    (lambda p: experiments.trial(p, "dare", {"p": 0.5}, measure=("term", "vibes")), "unknown quantity"),
-    (lambda p: experiments.trial(p, "dare", {"p": 0.5}, rule="simpson"), "unknown rule"),
-    (lambda p: experiments.trial(p, "dare", {"p": 0.5}, points=0), "points"),
-    (lambda p: experiments.trial(p, "dare", {"p": 0.5}, mode="fd"), "unknown mode"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda p: experiments.trial(p, "daree", {}), "unknown method"),
+        (lambda p: experiments.trial(p, "dare", {"q": 1}), "unknown parameter"),
+        (lambda p: experiments.trial(p, "dare", {"p": 1.0}), r"p must be in \[0, 1\)"),
+        (lambda p: experiments.trial(p, "low_rank", {"rank": -2}), "rank"),
+        (lambda p: experiments.trial(p, "dare", {"p": 0.5}, measure=("term", "vibes")), "unknown quantity"),
+        (lambda p: experiments.trial(p, "dare", {"p": 0.5}, rule="simpson"), "unknown rule"),
+        (lambda p: experiments.trial(p, "dare", {"p": 0.5}, points=0), "points"),
+        (lambda p: experiments.trial(p, "dare", {"p": 0.5}, mode="fd"), "unknown mode"),
+    ],
+)
 def test_bad_trials_raise_before_anything_runs(lm, call, match):
     with pytest.raises(InvalidParameterError, match=match):
         call(lm)
@@ -69,8 +72,10 @@ def test_measured_values_match_independent_computations(lm, tmp_path):
 
     from unifieddelta.evaluate import evaluate_lm
 
-    ts = [experiments.trial(lm, "extrapolate", {"alpha": 0.5}, measure=ALL, limit=3),
-          experiments.trial(lm, "dare", {"p": 0.3}, 1, measure=ALL, limit=3, rule="gauss", points=2)]
+    ts = [
+        experiments.trial(lm, "extrapolate", {"alpha": 0.5}, measure=ALL, limit=3),
+        experiments.trial(lm, "dare", {"p": 0.3}, 1, measure=ALL, limit=3, rule="gauss", points=2),
+    ]
     table = experiments.run(ts, store=tmp_path, progress=False, per_tensor=True)
     pre, post = lm.folders()
     model = AutoModelForCausalLM.from_pretrained(post).eval()
@@ -98,7 +103,7 @@ def test_measured_values_match_independent_computations(lm, tmp_path):
     pre_model = AutoModelForCausalLM.from_pretrained(pre)
     by_hand = copy.deepcopy(model)
     with torch.no_grad():
-        for (n, p), q in zip(by_hand.named_parameters(), pre_model.parameters()):
+        for p, q in zip(by_hand.parameters(), pre_model.parameters()):
             p.add_(0.5 * (p - q))
         want = float(loss(by_hand)) - float(loss(model))
     ext = table[(table.trial == ts[0].key) & (table.quantity == "loss_change")].value.iloc[0]
@@ -149,7 +154,9 @@ def test_references_are_pre_and_post(lm, tmp_path):
     assert change["extrapolate(alpha=0.0)"] == 0.0
     loss = experiments.KINDS["lm"].loss(experiments.Session(lm, "cpu", "float32", False), None)
     with torch.no_grad():
-        want = float(loss(AutoModelForCausalLM.from_pretrained(pre))) - float(loss(AutoModelForCausalLM.from_pretrained(post)))
+        want = float(loss(AutoModelForCausalLM.from_pretrained(pre))) - float(
+            loss(AutoModelForCausalLM.from_pretrained(post))
+        )
     assert change["extrapolate(alpha=-1.0)"] == pytest.approx(want, rel=1e-4)
 
 
@@ -165,15 +172,19 @@ def test_product_biased_takes_the_gradient_of_the_pairs_loss(lm, tmp_path):
     params = dict(model.named_parameters())
     grads = dict(zip(params, torch.autograd.grad(loss(model), list(params.values()))))
     d = deltas.direction(pre, model, "product_biased", grad=grads, k=0.5)
-    assert table[table.quantity == "loss_change"].value.iloc[0] == pytest.approx(approx.loss_change(model, d, loss), rel=1e-6)
+    assert table[table.quantity == "loss_change"].value.iloc[0] == pytest.approx(
+        approx.loss_change(model, d, loss), rel=1e-6
+    )
 
 
 def test_dpo_and_vision_pairs(tmp_path):
     dpo = experiments.pair("tiny-lm-dpo", smoke=True)
     vit = experiments.pair("tiny-vit/rot90", smoke=True)
     assert dpo.kind == "dpo" and vit.kind == "vision"
-    ts = [experiments.trial(dpo, "extrapolate", {"alpha": 0.5}, measure=ALL, limit=2, tasks=["ud_add", "preference"]),
-          experiments.trial(vit, "dare", {"p": 0.5}, measure=ALL)]
+    ts = [
+        experiments.trial(dpo, "extrapolate", {"alpha": 0.5}, measure=ALL, limit=2, tasks=["ud_add", "preference"]),
+        experiments.trial(vit, "dare", {"p": 0.5}, measure=ALL),
+    ]
     table = experiments.run(ts, store=tmp_path, progress=False)
     s = experiments.scores(table)
     assert set(s[s.pair == dpo.name].task) == {"ud_add", "preference"} and set(s[s.pair == vit.name].task) == {"rot90"}
@@ -186,7 +197,9 @@ def test_dpo_and_vision_pairs(tmp_path):
 
     session = experiments.Session(dpo, "cpu", "float32", False)
     with torch.no_grad():
-        assert float(session.loss(None)(AutoModelForCausalLM.from_pretrained(dpo.folders()[0]))) == pytest.approx(math.log(2))
+        assert float(session.loss(None)(AutoModelForCausalLM.from_pretrained(dpo.folders()[0]))) == pytest.approx(
+            math.log(2)
+        )
 
 
 def test_checkpoint_pair_of_another_architecture(tmp_path):
@@ -200,7 +213,9 @@ def test_checkpoint_pair_of_another_architecture(tmp_path):
     assert set(experiments.scores(table).task) == {"ud_add", "ud_parity"}
     # loss data the user names: a JSONL of prompt/answer records
     data = tmp_path / "loss.jsonl"
-    data.write_text("".join(json.dumps({"question": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n" for i in range(5)))
+    data.write_text(
+        "".join(json.dumps({"question": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n" for i in range(5))
+    )
     named = experiments.pair(pre=str(tmp_path / "pre"), post=str(tmp_path / "post"), loss_data=str(data))
     assert named.identity() != pair.identity()
     out = experiments.run([experiments.trial(named, "dare", {"p": 0.5})], store=tmp_path / "store", progress=False)
@@ -208,9 +223,17 @@ def test_checkpoint_pair_of_another_architecture(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "no fields"}) + "\n")
     with pytest.raises(InvalidParameterError, match="record 0 needs"):
-        experiments.run([experiments.trial(experiments.pair(pre=str(tmp_path / "pre"), post=str(tmp_path / "post"),
-                                                            loss_data=str(bad)), "dare", {"p": 0.5})],
-                        store=tmp_path / "store", progress=False)
+        experiments.run(
+            [
+                experiments.trial(
+                    experiments.pair(pre=str(tmp_path / "pre"), post=str(tmp_path / "post"), loss_data=str(bad)),
+                    "dare",
+                    {"p": 0.5},
+                )
+            ],
+            store=tmp_path / "store",
+            progress=False,
+        )
 
 
 def test_shard_from_the_launchers(monkeypatch):

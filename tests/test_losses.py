@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import f64_llama, token_pairs
 from torch import nn
 
-from helpers import f64_llama, token_pairs
 from unifieddelta import losses
 from unifieddelta.errors import InvalidParameterError
 
@@ -54,7 +54,9 @@ class CharTokenizer:
 def test_causal_lm_nll_on_text_and_truncation(model):
     tok = CharTokenizer()
     loss = losses.causal_lm_nll([("2+2=", "4"), ("3+4=", "7!")], tok, batch_size=2)
-    ids = [([1] + [3 + ord(c) % 60 for c in p], [3 + ord(c) % 60 for c in a]) for p, a in [("2+2=", "4"), ("3+4=", "7!")]]
+    ids = [
+        ([1] + [3 + ord(c) % 60 for c in p], [3 + ord(c) % 60 for c in a]) for p, a in [("2+2=", "4"), ("3+4=", "7!")]
+    ]
     with torch.no_grad():
         assert float(loss(model)) == pytest.approx(manual_nll(model, ids), rel=1e-12)
     cut = losses.causal_lm_nll([(list(range(3, 20)), [5, 6])], max_length=6)  # keeps the last 6 tokens

@@ -6,9 +6,9 @@ import warnings
 
 import pytest
 import torch
+from conftest import needs
 from safetensors.torch import load_file, save_file
 
-from conftest import needs
 from unifieddelta import chapters, deltas, experiments, losses
 from unifieddelta.errors import CheckpointError
 from unifieddelta.tasks import sre
@@ -47,8 +47,14 @@ def _tokenizer(folder):
 
     from transformers import BertTokenizer
 
-    words = sorted({w for p in sre.pairs("test") + sre.pairs("fit") for s in (p["a"], p["b"])
-                    for w in re.findall(r"\w+|[^\w\s]", s.lower())})  # fmt: skip
+    words = sorted(
+        {
+            w
+            for p in sre.pairs("test") + sre.pairs("fit")
+            for s in (p["a"], p["b"])
+            for w in re.findall(r"\w+|[^\w\s]", s.lower())
+        }
+    )
     (folder / "vocab.txt").write_text("\n".join(SPECIALS + words) + "\n")
     return BertTokenizer(str(folder / "vocab.txt"))
 
@@ -57,8 +63,15 @@ def _bert(vocab: int, seed: int = 0, dtype=torch.float32):
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=vocab, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=64, attn_implementation="eager")
+    config = BertConfig(
+        vocab_size=vocab,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+        attn_implementation="eager",
+    )
     return BertModel(config).to(dtype).eval()
 
 
@@ -126,7 +139,6 @@ def test_embedding_kind_on_a_tiny_bert_pair(bert_pair, tmp_path):
     m = dict(measure=("term", "loss_change", "scores"), loss_examples=6, limit=10)
     trials = experiments.references(p, **m) + experiments.grid(p, "dare", {"p": [0.5]}, **m)
     table = experiments.run(trials, store=tmp_path / "store", progress=False)
-    value = table.set_index(["edit", "quantity", "task"], drop=False)["value"]
     held_out = [(q["a"], q["b"]) for q in sre.pairs("test", n=10)]
     pre_model, post_model = _loaded(pre), _loaded(post)
     # the loss at W_post, and L(pre) − L(post) as the α = −1 reference's exact change
@@ -143,8 +155,10 @@ def test_embedding_kind_on_a_tiny_bert_pair(bert_pair, tmp_path):
     scores = table[table.quantity == "score"]
     pre_rows = scores[scores.edit == "extrapolate(alpha=-1.0)"].set_index("task")
     assert pre_rows.loc["sre_retrieval", "value"] == pytest.approx(hits / 20)
-    agreement = [_hand_cos(x, _hand_embedding(post_model, tok, s))
-                 for x, s in zip(ea + eb, [a for a, _ in held_out] + [b for _, b in held_out])]  # fmt: skip
+    agreement = [
+        _hand_cos(x, _hand_embedding(post_model, tok, s))
+        for x, s in zip(ea + eb, [a for a, _ in held_out] + [b for _, b in held_out])
+    ]
     assert pre_rows.loc["sre_agreement", "value"] == pytest.approx(sum(agreement) / 20, rel=1e-5)
     post_rows = scores[scores.edit == "extrapolate(alpha=0.0)"].set_index("task")
     assert post_rows.loc["sre_agreement", "value"] == pytest.approx(1.0, abs=1e-6)
@@ -161,8 +175,10 @@ def test_a_missing_package_names_the_pip_command(monkeypatch):
 
 # --- the real pair -------------------------------------------------------------------------------------------
 
-INSTALLED = all(experiments.package_folder(*side) is not None
-                for side in (experiments.PACKAGED["minilm-sre"].pre, experiments.PACKAGED["minilm-sre"].post))
+INSTALLED = all(
+    experiments.package_folder(*side) is not None
+    for side in (experiments.PACKAGED["minilm-sre"].pre, experiments.PACKAGED["minilm-sre"].post)
+)
 
 
 @needs(INSTALLED, "the minilm-sre pair is not installed (pip install 'unifieddelta[minilm]')")

@@ -5,10 +5,10 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from conftest import needs
 from helpers import gen, load_tensors
+from safetensors.torch import save_file
+
 from unifieddelta import deltas, edits, native
 from unifieddelta.errors import NonFiniteError
 
@@ -93,14 +93,18 @@ def _pair(root, dtype):
 
 @pytest.mark.parametrize("stored", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("compute", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("method,params", [("dare", {"p": 0.7, "k": -0.5}), ("dare", {"p": 0.9}),
-                                           ("drop_only", {"p": 0.4}), ("extrapolate", {"alpha": 0.3})])  # fmt: skip
+@pytest.mark.parametrize(
+    "method,params",
+    [("dare", {"p": 0.7, "k": -0.5}), ("dare", {"p": 0.9}), ("drop_only", {"p": 0.4}), ("extrapolate", {"alpha": 0.3})],
+)
 def test_fused_streaming_step_gives_the_generic_bits(tmp_path, monkeypatch, stored, compute, method, params):
     pre, post = _pair(tmp_path, stored)
     monkeypatch.setattr(deltas, "BLOCK_BYTES", 100_000)  # row blocks with offsets, for the big tensors
     kw = dict(seed=3, compute_dtype=compute, **params)
     fused = load_tensors(deltas.apply_edit(pre, post, method, out=tmp_path / "fused", **kw))
-    generic = load_tensors(torch_path(lambda: deltas.apply_edit(pre, post, method, out=tmp_path / "gen", **kw), monkeypatch))  # noqa: E501
+    generic = load_tensors(
+        torch_path(lambda: deltas.apply_edit(pre, post, method, out=tmp_path / "gen", **kw), monkeypatch)
+    )  # noqa: E501
     assert fused.keys() == generic.keys()
     assert all(same_bits(fused[n], generic[n]) for n in fused)
     monkeypatch.setattr(deltas, "BLOCK_BYTES", 64 << 20)  # whole tensors: the same bits again
@@ -150,7 +154,8 @@ def test_a_forked_child_makes_its_own_thread_pool(monkeypatch):
 
 
 def _blocks_reference(x, bits, scale):
-    """Multi-bit BitDelta in float64 by a stable sort: block j holds sorted positions ceil(j·n/B) .. ceil((j+1)·n/B) − 1."""
+    """Multi-bit BitDelta in float64 by a stable sort: block j holds sorted positions ceil(j·n/B) ..
+    ceil((j+1)·n/B) − 1."""
     flat = x.reshape(-1).double()
     n = flat.numel()
     nblocks = min(2**bits, n)
@@ -158,7 +163,7 @@ def _blocks_reference(x, bits, scale):
     starts = [-(-j * n // nblocks) for j in range(nblocks + 1)]
     out = torch.empty(n, dtype=torch.float64)
     for j in range(nblocks):
-        out[order[starts[j]:starts[j + 1]]] = values[starts[j]:starts[j + 1]].mean() * scale
+        out[order[starts[j] : starts[j + 1]]] = values[starts[j] : starts[j + 1]].mean() * scale
     return (torch.sign(flat) * out).reshape(x.shape)
 
 
@@ -168,7 +173,7 @@ def test_block_means_match_a_stable_sort(dtype, bits):
     g = torch.Generator().manual_seed(bits)
     x = (0.01 * torch.randn(600, 301, generator=g)).to(dtype)
     x[0, :40] = 0.0  # zeros stay zero
-    x[1, :500 if bits < 9 else 50] = x[1, 0]  # a run of ties across block boundaries, placed in index order
+    x[1, : 500 if bits < 9 else 50] = x[1, 0]  # a run of ties across block boundaries, placed in index order
     got = native.block_means(x, bits, 1.25)
     want = _blocks_reference(x, bits, 1.25)
     tol = {torch.float32: 3e-7, torch.bfloat16: 8e-3}[dtype]

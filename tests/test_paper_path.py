@@ -23,8 +23,13 @@ def _preferences(path, chat: bool):
     for i in range(5):
         q, good, bad = f"What is {i} + 1?", str(i + 1), f"{i + 7} or so"
         if chat:  # UltraFeedback's shape: the conversation, ending in the answer, on each side
-            rows.append({"prompt": q, "chosen": [{"role": "user", "content": q}, {"role": "assistant", "content": good}],
-                         "rejected": [{"role": "user", "content": q}, {"role": "assistant", "content": bad}]})
+            rows.append(
+                {
+                    "prompt": q,
+                    "chosen": [{"role": "user", "content": q}, {"role": "assistant", "content": good}],
+                    "rejected": [{"role": "user", "content": q}, {"role": "assistant", "content": bad}],
+                }
+            )
         else:
             rows.append({"prompt": q, "chosen": good, "rejected": bad})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -52,8 +57,11 @@ def test_a_dpo_pair_of_checkpoints_takes_the_dpo_loss_on_its_preference_data(gpt
     records = [json.loads(line) for line in data.read_text().splitlines()]
     margins, ref_margins = [], []
     for r in records:
-        lp = {(m, side): _sequence_logp(model, tok, r["prompt"], " " + r[side])
-              for m, model in (("post", session.post), ("ref", session.pre)) for side in ("chosen", "rejected")}
+        lp = {
+            (m, side): _sequence_logp(model, tok, r["prompt"], " " + r[side])
+            for m, model in (("post", session.post), ("ref", session.pre))
+            for side in ("chosen", "rejected")
+        }
         margins.append(lp["post", "chosen"] - lp["post", "rejected"])
         ref_margins.append(lp["ref", "chosen"] - lp["ref", "rejected"])
     margin = torch.tensor(margins, dtype=torch.float64) - torch.tensor(ref_margins, dtype=torch.float64)
@@ -67,10 +75,13 @@ def test_a_dpo_pair_of_checkpoints_takes_the_dpo_loss_on_its_preference_data(gpt
     assert table[table.quantity.isin(["term", "loss_change"])].value.notna().all()
     edited = experiments.Session(p, "cpu", "float32", False).post
     with torch.no_grad():
-        for (name, w), (_, w0) in zip(edited.named_parameters(), session.pre.named_parameters()):
+        for w, w0 in zip(edited.parameters(), session.pre.parameters()):
             w.add_(0.5 * (w - w0))  # W_post + 0.5 ΔW
-    shares = [_sequence_logp(edited, tok, r["prompt"], " " + r["chosen"])
-              > _sequence_logp(edited, tok, r["prompt"], " " + r["rejected"]) for r in records]
+    shares = [
+        _sequence_logp(edited, tok, r["prompt"], " " + r["chosen"])
+        > _sequence_logp(edited, tok, r["prompt"], " " + r["rejected"])
+        for r in records
+    ]
     s = experiments.scores(table)
     assert s[s.task == "preference"].value.iloc[0] == pytest.approx(sum(shares) / len(shares))
 
@@ -82,11 +93,15 @@ def test_preference_records_in_ultrafeedbacks_chat_shape(gpt2, tmp_path):
     data = _preferences(tmp_path / "chat.jsonl", chat=True)
     plain = experiments._named_triples(str(data), None, tok)  # no chat template: the prompt field
     assert plain[0] == ("What is 0 + 1?", " 1", " 7 or so")
-    tok.chat_template = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}"
-                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    tok.chat_template = (
+        "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
     templated = experiments._named_triples(str(data), 2, tok)
-    assert templated == [("<|user|>What is 0 + 1?<|assistant|>", " 1", " 7 or so"),
-                         ("<|user|>What is 1 + 1?<|assistant|>", " 2", " 8 or so")]
+    assert templated == [
+        ("<|user|>What is 0 + 1?<|assistant|>", " 1", " 7 or so"),
+        ("<|user|>What is 1 + 1?<|assistant|>", " 2", " 8 or so"),
+    ]
 
 
 def test_bad_dpo_pairs_and_preference_data_say_what_is_wrong(gpt2, tmp_path):
@@ -111,17 +126,25 @@ def test_loss_data_specs(tmp_path):
     with pytest.raises(InvalidParameterError, match="expected hf:NAME"):
         experiments.hf_spec("hf:a:b:c:d")
     alpaca = tmp_path / "alpaca.jsonl"
-    alpaca.write_text(json.dumps({"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}) + "\n"
-                      + json.dumps({"instruction": "Say hi.", "input": "", "output": "hi"}) + "\n")
+    alpaca.write_text(
+        json.dumps({"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"})
+        + "\n"
+        + json.dumps({"instruction": "Say hi.", "input": "", "output": "hi"})
+        + "\n"
+    )
     assert experiments._named_pairs(str(alpaca), None) == [
-        (experiments._question_prompt("Add the numbers.\n2 and 3"), " 5"), (experiments._question_prompt("Say hi."), " hi")]
+        (experiments._question_prompt("Add the numbers.\n2 and 3"), " 5"),
+        (experiments._question_prompt("Say hi."), " hi"),
+    ]
 
 
 def test_device_auto_places_the_models_with_a_device_map(gpt2, tmp_path):
     """``device="auto"``: accelerate's device map (here every tensor on the CPU, the only device), the same term as
     the model moved whole; pre takes post's map, so each pair of tensors shares a device."""
     p = experiments.pair(pre=str(gpt2[0]), post=str(gpt2[1]))
-    trials = [experiments.trial(p, "dare", {"p": 0.5}, device=d, measure=("term", "loss_change")) for d in ("auto", "cpu")]
+    trials = [
+        experiments.trial(p, "dare", {"p": 0.5}, device=d, measure=("term", "loss_change")) for d in ("auto", "cpu")
+    ]
     table = experiments.run(trials, store=tmp_path, progress=False)
     by_device = table[table.quantity == "term"].value.to_numpy()
     assert len(by_device) == 2 and by_device[0] == pytest.approx(by_device[1], rel=1e-6)
@@ -137,8 +160,11 @@ def test_device_auto_places_the_models_with_a_device_map(gpt2, tmp_path):
 def test_the_paper_profiles_extend_one_another(tmp_path):
     paper, mistral = pipeline.load_profile("paper"), pipeline.load_profile("paper-mistral")
     assert mistral["name"] == "paper-mistral" and mistral["notebooks"] == paper["notebooks"]
-    assert mistral["defaults"] == {**paper["defaults"], "pre": "mistralai/Mistral-7B-v0.3",
-                                   "post": "mistralai/Mistral-7B-Instruct-v0.3"}
+    assert mistral["defaults"] == {
+        **paper["defaults"],
+        "pre": "mistralai/Mistral-7B-v0.3",
+        "post": "mistralai/Mistral-7B-Instruct-v0.3",
+    }
     (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
     (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
     with pytest.raises(ProfileError, match="circle"):
@@ -153,8 +179,12 @@ def test_the_paper_profile_runs_expo_on_zephyr_and_estimates_its_cost():
     runs = {r.name: r for r in pipeline.plan(pipeline.load_profile("paper"), pipeline.find_root())}
     expo = chapters.plan("expo", **runs["expo"].resolved)
     dpo = expo.pairs[0]
-    assert (dpo.kind, dpo.pre, dpo.post, dpo.dpo_beta) == ("dpo", "alignment-handbook/zephyr-7b-sft-full",
-                                                           "alignment-handbook/zephyr-7b-dpo-full", 0.01)
+    assert (dpo.kind, dpo.pre, dpo.post, dpo.dpo_beta) == (
+        "dpo",
+        "alignment-handbook/zephyr-7b-sft-full",
+        "alignment-handbook/zephyr-7b-dpo-full",
+        0.01,
+    )
     t = next(t for t in expo.trials if t.pair == dpo)
     assert t.loss_examples == 512 and t.device == "cuda" and t.dtype == "bfloat16"
     # 5 points x 6 FLOPs x 7.24e9 parameters x 512 triples x 900 tokens at the assumed throughput
@@ -170,14 +200,38 @@ def test_the_paper_profile_runs_expo_on_zephyr_and_estimates_its_cost():
 def test_sweep_takes_a_dpo_pair_of_checkpoints(gpt2, tmp_path, capsys):
     from unifieddelta.cli import build_parser, main
 
-    kinds = next(a for a in build_parser()._subparsers._group_actions[0].choices["sweep"]._actions
-                 if a.dest == "kind").choices
+    kinds = next(
+        a for a in build_parser()._subparsers._group_actions[0].choices["sweep"]._actions if a.dest == "kind"
+    ).choices
     assert sorted(kinds) == sorted(experiments.KINDS)
     data = _preferences(tmp_path / "prefs.jsonl", chat=False)
     csv = tmp_path / "out.csv"
-    assert main(["sweep", "--pre", str(gpt2[0]), "--post", str(gpt2[1]), "--kind", "dpo", "--loss-data", str(data),
-                 "--dpo-beta", "0.5", "--method", "extrapolate", "--grid", "alpha=0.5", "--store", str(tmp_path / "s"),
-                 "--csv", str(csv)]) == 0
+    assert (
+        main(
+            [
+                "sweep",
+                "--pre",
+                str(gpt2[0]),
+                "--post",
+                str(gpt2[1]),
+                "--kind",
+                "dpo",
+                "--loss-data",
+                str(data),
+                "--dpo-beta",
+                "0.5",
+                "--method",
+                "extrapolate",
+                "--grid",
+                "alpha=0.5",
+                "--store",
+                str(tmp_path / "s"),
+                "--csv",
+                str(csv),
+            ]
+        )
+        == 0
+    )
     import pandas as pd
 
     table = pd.read_csv(csv)

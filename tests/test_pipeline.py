@@ -33,9 +33,12 @@ def book(tmp_path):
     (tmp_path / "_config.yml").write_text("title: t\nexecute:\n  execute_notebooks: 'off'\n")
     (tmp_path / "_toc.yml").write_text("format: jb-book\nroot: intro\n")
     (tmp_path / "intro.md").write_text("# Intro\n")
-    _notebook(tmp_path / "notebooks" / "square.ipynb", "x = 1\nlabel = 'a'",
-              "import pathlib\nresult = x * x\n"
-              "with open('runs.log', 'a') as f:\n    f.write(f'{label} {result}\\n')\nprint('square', result)")
+    _notebook(
+        tmp_path / "notebooks" / "square.ipynb",
+        "x = 1\nlabel = 'a'",
+        "import pathlib\nresult = x * x\n"
+        "with open('runs.log', 'a') as f:\n    f.write(f'{label} {result}\\n')\nprint('square', result)",
+    )
     _notebook(tmp_path / "notebooks" / "broken.ipynb", "x = 1", "y = x + 1\nraise RuntimeError('boom in cell')")
 
     def profile(name, notebooks, defaults=None):
@@ -52,8 +55,9 @@ def test_package_imports():
 
 
 def test_executes_with_parameters_then_hits_cache(book):
-    prof = pipeline.load_profile(book.profile("p", [{"name": "square", "parameters": {"x": 7}}],
-                                              defaults={"label": "b", "unused": 3}))
+    prof = pipeline.load_profile(
+        book.profile("p", [{"name": "square", "parameters": {"x": 7}}], defaults={"label": "b", "unused": 3})
+    )
     (run,) = pipeline.plan(prof, book.root)
     assert run.parameters == {"x": 7, "label": "b"}  # defaults only where the notebook declares them
 
@@ -68,7 +72,9 @@ def test_executes_with_parameters_then_hits_cache(book):
     run.output.unlink()
     assert pipeline.execute(run, cwd=book.root) is False and run.output.is_file()  # restored from the cache
 
-    (changed,) = pipeline.plan(pipeline.load_profile(book.profile("q", [{"name": "square", "parameters": {"x": 8}}])), book.root)
+    (changed,) = pipeline.plan(
+        pipeline.load_profile(book.profile("q", [{"name": "square", "parameters": {"x": 8}}])), book.root
+    )
     assert pipeline.execute(changed, cwd=book.root) is True  # a new parameter value is a new cache entry
     assert (book.root / "runs.log").read_text().splitlines()[-1] == "a 64"
 
@@ -94,10 +100,7 @@ def test_raising_cell_raises_notebook_error(book):
 
 @pytest.mark.parametrize(
     "args, message",
-    [
-        (["--profile", "nope"], "unknown profile 'nope'"),
-        (["--only", "missing"], "missing not in profile"),
-    ],
+    [(["--profile", "nope"], "unknown profile 'nope'"), (["--only", "missing"], "missing not in profile")],
 )
 def test_bad_book_arguments(book, capsys, args, message):
     prof = book.profile("p", [{"name": "square"}])
@@ -149,14 +152,20 @@ def test_cli_help_lists_book():
 def two_pages(tmp_path):
     """A two-notebook book that really builds: each notebook appends its name to runs.log when it executes."""
     (tmp_path / "notebooks").mkdir()
-    (tmp_path / "_config.yml").write_text("title: t\nonly_build_toc_files: true\nexclude_patterns: [notebooks]\n"
-                                          "execute:\n  execute_notebooks: 'off'\n")
-    (tmp_path / "_toc.yml").write_text("format: jb-book\nroot: intro\nchapters:\n  - file: book/generated/one\n"
-                                       "  - file: book/generated/two\n")
+    (tmp_path / "_config.yml").write_text(
+        "title: t\nonly_build_toc_files: true\nexclude_patterns: [notebooks]\nexecute:\n  execute_notebooks: 'off'\n"
+    )
+    (tmp_path / "_toc.yml").write_text(
+        "format: jb-book\nroot: intro\nchapters:\n  - file: book/generated/one\n  - file: book/generated/two\n"
+    )
     (tmp_path / "intro.md").write_text("# Intro\n\nA page.\n")
     for name in ("one", "two"):
-        _notebook(tmp_path / "notebooks" / f"{name}.ipynb", "x = 1",
-                  f"with open('runs.log', 'a') as f:\n    f.write('{name}\\n')\nprint('{name}', x)", title=name)
+        _notebook(
+            tmp_path / "notebooks" / f"{name}.ipynb",
+            "x = 1",
+            f"with open('runs.log', 'a') as f:\n    f.write('{name}\\n')\nprint('{name}', x)",
+            title=name,
+        )
     profile = tmp_path / "p.yaml"
     profile.write_text(yaml.safe_dump({"name": "p", "notebooks": [{"name": "one"}, {"name": "two"}]}))
 
@@ -174,8 +183,12 @@ def test_builds_execute_only_what_changed(two_pages, monkeypatch):
     assert book.runs() == ["one", "two"]
     pipeline.build_book(book.profile, root=book.root)
     assert book.runs() == ["one", "two"]  # nothing changed: nothing executed
-    _notebook(book.root / "notebooks" / "two.ipynb", "x = 1",
-              "with open('runs.log', 'a') as f:\n    f.write('two\\n')\nprint('two, changed', x)", title="two")
+    _notebook(
+        book.root / "notebooks" / "two.ipynb",
+        "x = 1",
+        "with open('runs.log', 'a') as f:\n    f.write('two\\n')\nprint('two, changed', x)",
+        title="two",
+    )
     pipeline.build_book(book.profile, root=book.root)
     assert book.runs() == ["one", "two", "two"]  # the changed source alone
     assert "two, changed" in (book.root / "_build" / "html" / "book" / "generated" / "two.html").read_text()
@@ -230,7 +243,7 @@ def test_dry_run_counts_what_the_store_holds(tmp_path, capsys):
     plan = chapters.plan("dare", **runs["dare"].resolved)
     experiments.run(plan.trials[:2], store=tmp_path, progress=False)
     text = pipeline.dry_run("smoke", root=REPO, store=tmp_path)
-    dare = text[text.index("\ndare  ("):text.index("\nclassification  (")]
+    dare = text[text.index("\ndare  (") : text.index("\nclassification  (")]
     assert f"trials: {len(plan.trials)} (2 in the store, {len(plan.trials) - 2} to compute)" in dare
 
 

@@ -18,7 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 WORKFLOW = ROOT / ".github" / "workflows" / "pages.yml"
 
-needs_make = pytest.mark.skipif(shutil.which("make") is None or shutil.which("git") is None, reason="needs make and git")
+needs_make = pytest.mark.skipif(
+    shutil.which("make") is None or shutil.which("git") is None, reason="needs make and git"
+)
 
 
 def readme_section(title: str) -> str:
@@ -62,10 +64,20 @@ def project(tmp_path: Path) -> Path:
 
 def make(proj: Path, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
-    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.org", GIT_COMMITTER_NAME="t",
-               GIT_COMMITTER_EMAIL="t@example.org")
-    return subprocess.run(["make", *args, f"BIN={Path(sys.executable).parent}"], cwd=proj, env=env,
-                          capture_output=True, text=True, timeout=120)
+    env.update(
+        GIT_AUTHOR_NAME="t",
+        GIT_AUTHOR_EMAIL="t@example.org",
+        GIT_COMMITTER_NAME="t",
+        GIT_COMMITTER_EMAIL="t@example.org",
+    )
+    return subprocess.run(
+        ["make", *args, f"BIN={Path(sys.executable).parent}"],
+        cwd=proj,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def git(*args: str, cwd: Path) -> str:
@@ -93,6 +105,7 @@ def test_publish_without_a_built_book_says_to_run_make_book(tmp_path):
 @needs_make
 def test_publish_puts_the_html_on_gh_pages_of_origin(tmp_path):
     import ghp_import  # noqa: F401  (the dev extra installs it: this test never skips)
+
     proj = project(tmp_path)
     remote = tmp_path / "remote.git"
     git("init", "-q", "--bare", str(remote), cwd=tmp_path)
@@ -155,10 +168,16 @@ def steps(wf: dict) -> list[tuple[str, dict]]:
 def test_workflow_builds_the_book_with_the_readmes_command_and_uploads_the_html():
     wf = workflow()
     command = readme_book_command()
-    runs = [(job, i) for i, (job, step) in enumerate(steps(wf))
-            if command in [ln.strip() for ln in step.get("run", "").splitlines()]]
-    uploads = [(job, i, step) for i, (job, step) in enumerate(steps(wf))
-               if step.get("uses", "").startswith("actions/upload-pages-artifact@")]
+    runs = [
+        (job, i)
+        for i, (job, step) in enumerate(steps(wf))
+        if command in [ln.strip() for ln in step.get("run", "").splitlines()]
+    ]
+    uploads = [
+        (job, i, step)
+        for i, (job, step) in enumerate(steps(wf))
+        if step.get("uses", "").startswith("actions/upload-pages-artifact@")
+    ]
     assert len(runs) == 1, f"no step runs {command!r}"
     assert len(uploads) == 1 and uploads[0][2]["with"]["path"] == "_build/html"
     assert runs[0][0] == uploads[0][0] and runs[0][1] < uploads[0][1]  # same job, the build first
@@ -208,8 +227,11 @@ def test_the_pdf_gets_each_table_as_its_formatted_text():
 
     from unifieddelta import chapters
 
-    styler = pd.DataFrame({"a": [1.23456, 22.5], "b": ["x", "yy"]}, index=["r1", "r2"]).style.format(
-        {"a": "{:+.2f}"}).set_caption("A caption")
+    styler = (
+        pd.DataFrame({"a": [1.23456, 22.5], "b": ["x", "yy"]}, index=["r1", "r2"])
+        .style.format({"a": "{:+.2f}"})
+        .set_caption("A caption")
+    )
     lines = chapters.styler_text(styler).splitlines()
     assert lines[:2] == ["A caption", ""]
     body = lines[2:]

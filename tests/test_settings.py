@@ -6,8 +6,20 @@ from unifieddelta.errors import InvalidParameterError
 from unifieddelta.settings import parse_settings, parse_value
 
 
-@pytest.mark.parametrize("text,value", [("3", 3), ("-2", -2), ("0.5", 0.5), ("5e-5", 5e-5), ("true", True),
-                                        ("False", False), ("none", None), ("normal", "normal"), ("", "")])
+@pytest.mark.parametrize(
+    "text,value",
+    [
+        ("3", 3),
+        ("-2", -2),
+        ("0.5", 0.5),
+        ("5e-5", 5e-5),
+        ("true", True),
+        ("False", False),
+        ("none", None),
+        ("normal", "normal"),
+        ("", ""),
+    ],
+)
 def test_values_are_typed(text, value):
     got = parse_value(text)
     assert got == value and type(got) is type(value)

@@ -6,9 +6,9 @@ import struct
 
 import pytest
 import torch
+from helpers import load_tensors
 from safetensors.torch import load_file, save_file
 
-from helpers import load_tensors
 from unifieddelta import checkpoints, deltas
 from unifieddelta.cli import main
 from unifieddelta.errors import MismatchError, NonFiniteError
@@ -61,15 +61,21 @@ def test_cli_compute_dtype_float32_matches_the_library(pair, tmp_path, capsys):
     capsys.readouterr()
 
 
-@pytest.mark.parametrize("method,params", [("dare", {"p": 0.7, "k": -0.5}), ("drop_only", {"p": 0.4}), ("extrapolate", {"alpha": 0.3})])
+@pytest.mark.parametrize(
+    "method,params", [("dare", {"p": 0.7, "k": -0.5}), ("drop_only", {"p": 0.4}), ("extrapolate", {"alpha": 0.3})]
+)
 @pytest.mark.parametrize("compute_dtype", [torch.float64, torch.float32])
 def test_row_blocks_give_exactly_the_tensor_edited_whole(pair, tmp_path, monkeypatch, method, params, compute_dtype):
     pre, post, _ = pair
-    whole = load_tensors(deltas.apply_edit(pre, post, method, seed=5, out=tmp_path / "whole", compute_dtype=compute_dtype, **params))
+    whole = load_tensors(
+        deltas.apply_edit(pre, post, method, seed=5, out=tmp_path / "whole", compute_dtype=compute_dtype, **params)
+    )
     monkeypatch.setattr(deltas, "BLOCK_BYTES", 200)  # a few rows per block, blocks cutting through the tensors
     edit = deltas._prepare(method, params, None)
     assert deltas._in_rows(edit, checkpoints.open_checkpoint(post), "model.embed_tokens.weight", compute_dtype)
-    blocks = load_tensors(deltas.apply_edit(pre, post, method, seed=5, out=tmp_path / "blocks", compute_dtype=compute_dtype, **params))
+    blocks = load_tensors(
+        deltas.apply_edit(pre, post, method, seed=5, out=tmp_path / "blocks", compute_dtype=compute_dtype, **params)
+    )
     assert whole.keys() == blocks.keys() and all(torch.equal(whole[n], blocks[n]) for n in whole)
 
 
@@ -79,7 +85,9 @@ def test_row_blocks_of_a_grown_embedding_keep_the_new_rows(pair, tmp_path, monke
     grown.mkdir()
     tensors = load_tensors(post)
     name = "model.embed_tokens.weight"
-    tensors[name] = torch.cat([tensors[name], torch.randn(6, tensors[name].shape[1], generator=torch.Generator().manual_seed(5))])
+    tensors[name] = torch.cat(
+        [tensors[name], torch.randn(6, tensors[name].shape[1], generator=torch.Generator().manual_seed(5))]
+    )
     save_file(tensors, str(grown / "model.safetensors"), metadata={"format": "pt"})
     for f in post.iterdir():
         if f.suffix == ".json":

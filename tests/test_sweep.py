@@ -28,8 +28,21 @@ def _records(store) -> dict:
 
 def test_sweep_writes_the_table_and_comes_from_the_store_the_second_time(tmp_path, capsys):
     store, csv = tmp_path / "store", tmp_path / "t.csv"
-    argv = [*SWEEP, "--grid", "p=0.1,0.5", "--seeds", "0,1", "--measure", "term,scores", "--limit", "2",
-            "--store", store, "--csv", csv]
+    argv = [
+        *SWEEP,
+        "--grid",
+        "p=0.1,0.5",
+        "--seeds",
+        "0,1",
+        "--measure",
+        "term,scores",
+        "--limit",
+        "2",
+        "--store",
+        store,
+        "--csv",
+        csv,
+    ]
     assert main([str(a) for a in argv]) == 0
     out = capsys.readouterr().out
     assert "4 trial(s): 0 from the store, 4 measured" in out
@@ -42,17 +55,20 @@ def test_sweep_writes_the_table_and_comes_from_the_store_the_second_time(tmp_pat
     pd.testing.assert_frame_equal(pd.read_csv(csv), table)
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--method", "daree", "--grid", "p=0.5"], "unknown method 'daree'"),
-    (["--grid", "q=0.5"], "unknown parameter(s) q"),
-    (["--grid", "p=0.5,1.5"], "p must be in [0, 1)"),
-    (["--grid", "p"], "--grid expects NAME=V1,V2"),
-    (["--grid", "p=0.5", "--tasks", "ud_add,no_such_task"], "unknown task 'no_such_task'"),
-    (["--grid", "p=0.5", "--measure", "term,vibes"], "unknown quantity 'vibes'"),
-    (["--grid", "p=0.5", "--seeds", "0,x"], "--seeds expects integers"),
-    (["--grid", "p=0.5", "--shard", "2/2"], "expected 0 <= I < N"),
-    (["--grid", "p=0.5", "--limit", "0"], "--limit must be a positive"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--method", "daree", "--grid", "p=0.5"], "unknown method 'daree'"),
+        (["--grid", "q=0.5"], "unknown parameter(s) q"),
+        (["--grid", "p=0.5,1.5"], "p must be in [0, 1)"),
+        (["--grid", "p"], "--grid expects NAME=V1,V2"),
+        (["--grid", "p=0.5", "--tasks", "ud_add,no_such_task"], "unknown task 'no_such_task'"),
+        (["--grid", "p=0.5", "--measure", "term,vibes"], "unknown quantity 'vibes'"),
+        (["--grid", "p=0.5", "--seeds", "0,x"], "--seeds expects integers"),
+        (["--grid", "p=0.5", "--shard", "2/2"], "expected 0 <= I < N"),
+        (["--grid", "p=0.5", "--limit", "0"], "--limit must be a positive"),
+    ],
+)
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, extra, message):
     store, csv = tmp_path / "store", tmp_path / "t.csv"
     argv = [*(PAIR if "--method" in extra else SWEEP), *extra, "--store", store, "--csv", csv]
@@ -63,9 +79,11 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, extra, messa
 
 
 def test_bad_pairs_are_one_line(tmp_path, capsys):
-    for argv, message in ([["sweep", "--pair", "tiny-gpt", "--method", "dare", "--grid", "p=0.5"], "unknown zoo name"],
-                          [["sweep", "--pre", tmp_path / "a", "--post", tmp_path / "b", "--method", "dare"], "no such folder"],
-                          [["sweep", "--method", "dare"], "no pair"]):
+    for argv, message in (
+        [["sweep", "--pair", "tiny-gpt", "--method", "dare", "--grid", "p=0.5"], "unknown zoo name"],
+        [["sweep", "--pre", tmp_path / "a", "--post", tmp_path / "b", "--method", "dare"], "no such folder"],
+        [["sweep", "--method", "dare"], "no pair"],
+    ):
         assert main([str(a) for a in [*argv, "--store", tmp_path / "s"]]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1
@@ -85,14 +103,19 @@ def test_a_killed_sweep_resumes_without_recomputing_a_finished_trial(tmp_path):
     proc.wait()
     done = _records(store)
     assert 0 < len(done) < 8 * 4, "the sweep should have been killed midway"  # 4 records per trial
-    result = subprocess.run(_cli(*argv, "--store", store, "--csv", tmp_path / "resumed.csv"), capture_output=True,
-                            text=True, timeout=600)  # fmt: skip
+    result = subprocess.run(
+        _cli(*argv, "--store", store, "--csv", tmp_path / "resumed.csv"), capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr
     after = _records(store)
     assert all(after[k] == v for k, v in done.items())  # finished records untouched: not measured again
     assert len(after) == 8 * 4
-    clean = subprocess.run(_cli(*argv, "--store", tmp_path / "clean", "--csv", tmp_path / "clean.csv"),
-                           capture_output=True, text=True, timeout=600)  # fmt: skip
+    clean = subprocess.run(
+        _cli(*argv, "--store", tmp_path / "clean", "--csv", tmp_path / "clean.csv"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert clean.returncode == 0, clean.stderr
     resumed, reference = pd.read_csv(tmp_path / "resumed.csv"), pd.read_csv(tmp_path / "clean.csv")
     pd.testing.assert_frame_equal(resumed.drop(columns="seconds"), reference.drop(columns="seconds"))
@@ -103,8 +126,16 @@ def test_two_workers_share_a_store_without_overlap(tmp_path):
     experiments.pair("tiny-lm", smoke=True).folders()
     store = tmp_path / "store"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
-    workers = [subprocess.Popen(_cli(*argv, "--store", store, "--shard", f"{i}/2"), env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True) for i in range(2)]  # fmt: skip
+    workers = [
+        subprocess.Popen(
+            _cli(*argv, "--store", store, "--shard", f"{i}/2"),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     outs = [w.communicate(timeout=600) for w in workers]
     assert all(w.returncode == 0 for w in workers), [o[1][-500:] for o in outs]
     import json

@@ -109,8 +109,9 @@ def test_fewshot_counts_group_the_tasks():
     from unifieddelta.evaluate import fewshot_groups
 
     assert fewshot_groups(["ud_add", "gsm8k", "mmlu"], None) == {0: ["ud_add"], None: ["gsm8k", "mmlu"]}
-    assert fewshot_groups(["ud_add", "gsm8k", "mmlu", "arc_challenge"], {"gsm8k": 5, "mmlu": 5, "arc_challenge": 25}) == \
-        {0: ["ud_add"], 5: ["gsm8k", "mmlu"], 25: ["arc_challenge"]}
+    assert fewshot_groups(
+        ["ud_add", "gsm8k", "mmlu", "arc_challenge"], {"gsm8k": 5, "mmlu": 5, "arc_challenge": 25}
+    ) == {0: ["ud_add"], 5: ["gsm8k", "mmlu"], 25: ["arc_challenge"]}
     assert fewshot_groups(["ud_add", "gsm8k"], 3) == {3: ["ud_add", "gsm8k"]}
 
 
@@ -119,12 +120,14 @@ def test_primary_score_per_task():
 
     from unifieddelta.evaluate import primary
 
-    scores = pd.DataFrame([
-        dict(task="gsm8k", metric="exact_match", filter="flexible-extract", value=0.4, stderr=0.1),
-        dict(task="gsm8k", metric="exact_match", filter="strict-match", value=0.3, stderr=0.1),
-        dict(task="ud_add", metric="exact_match", filter="number", value=0.9, stderr=0.1),
-        dict(task="arc_challenge", metric="acc", filter="none", value=0.5, stderr=0.1),
-        dict(task="arc_challenge", metric="acc_norm", filter="none", value=0.6, stderr=0.1),
-    ])  # fmt: skip
+    scores = pd.DataFrame(
+        [
+            dict(task="gsm8k", metric="exact_match", filter="flexible-extract", value=0.4, stderr=0.1),
+            dict(task="gsm8k", metric="exact_match", filter="strict-match", value=0.3, stderr=0.1),
+            dict(task="ud_add", metric="exact_match", filter="number", value=0.9, stderr=0.1),
+            dict(task="arc_challenge", metric="acc", filter="none", value=0.5, stderr=0.1),
+            dict(task="arc_challenge", metric="acc_norm", filter="none", value=0.6, stderr=0.1),
+        ]
+    )
     got = primary(scores).set_index("task")["value"].to_dict()
     assert got == {"gsm8k": 0.3, "ud_add": 0.9, "arc_challenge": 0.6}

@@ -166,7 +166,9 @@ def test_training_does_what_it_is_for():
     r = TINY_LM
     pairs = generate.preference_pairs(r.dpo_pairs, seed=r.seed, n_test=r.n_test)
     dpo_loss = losses.dpo_loss(m_sft, [(p["prompt"], p["chosen"], p["rejected"]) for p in pairs], tok, beta=r.dpo_beta)
-    assert float(losses.preference_margins(m_dpo, dpo_loss).mean()) > float(losses.preference_margins(m_sft, dpo_loss).mean())
+    assert float(losses.preference_margins(m_dpo, dpo_loss).mean()) > float(
+        losses.preference_margins(m_sft, dpo_loss).mean()
+    )
     learns = ViTRecipe(width=16, layers=1, heads=2, pre_steps=60, pre_batch=32, ft_steps=60, ft_batch=32, ft_lr=2e-3)
     load_pair("tiny-vit/rot90", recipe=learns)
     metrics = zoo.describe("tiny-vit/rot90", recipe=learns)["metrics"]
@@ -238,19 +240,34 @@ def test_no_stray_files_after_a_failed_build(monkeypatch):
 def test_a_name_may_carry_recipe_changes():
     recipe = zoo.recipe_for("tiny-lm[sft_lr=5e-5,sft_steps=300]")
     assert recipe.sft_lr == 5e-5 and isinstance(recipe.sft_lr, float) and recipe.sft_steps == 300
-    assert recipe.key("pre") == zoo.recipe_for("tiny-lm").key("pre") and recipe.key("sft") != zoo.recipe_for("tiny-lm").key("sft")
-    assert zoo.recipe_for("tiny-lm/128[sft_lr=1]").width == 128 and zoo.recipe_for("tiny-lm/128[sft_lr=1]").sft_lr == 1.0
+    assert recipe.key("pre") == zoo.recipe_for("tiny-lm").key("pre") and recipe.key("sft") != zoo.recipe_for(
+        "tiny-lm"
+    ).key("sft")
+    assert (
+        zoo.recipe_for("tiny-lm/128[sft_lr=1]").width == 128 and zoo.recipe_for("tiny-lm/128[sft_lr=1]").sft_lr == 1.0
+    )
     assert zoo.recipe_for("tiny-vit/rot90[ft_lr=1e-4]").ft_lr == 1e-4
-    for bad, match in [("tiny-lm[sft_rate=1]", "no field 'sft_rate'"), ("tiny-lm[sft_lr]", "KEY=VALUE"),
-                       ("tiny-lm[width=wide]", "expected a int"), ("tiny-lm[sft_lr=1", "NAME\\[FIELD=VALUE"),
-                       ("tiny-gpt[sft_lr=1]", "unknown zoo name")]:
+    for bad, match in [
+        ("tiny-lm[sft_rate=1]", "no field 'sft_rate'"),
+        ("tiny-lm[sft_lr]", "KEY=VALUE"),
+        ("tiny-lm[width=wide]", "expected a int"),
+        ("tiny-lm[sft_lr=1", "NAME\\[FIELD=VALUE"),
+        ("tiny-gpt[sft_lr=1]", "unknown zoo name"),
+    ]:
         with pytest.raises(InvalidParameterError, match=match):
             zoo.recipe_for(bad)
 
 
 def test_a_named_variant_builds_its_own_entry(monkeypatch):
-    name = "tiny-lm[" + ",".join(f"{k}={v}" for k, v in TINY_LM.__dict__.items() if k != "_LATER" and
-                                 v != getattr(zoo.recipe_for("tiny-lm"), k)) + ",sft_lr=5e-5]"
+    name = (
+        "tiny-lm["
+        + ",".join(
+            f"{k}={v}"
+            for k, v in TINY_LM.__dict__.items()
+            if k != "_LATER" and v != getattr(zoo.recipe_for("tiny-lm"), k)
+        )
+        + ",sft_lr=5e-5]"
+    )
     pre, post = load_pair(name)
     base_pre, base_post = load_pair("tiny-lm", recipe=TINY_LM)
     assert pre == base_pre and post != base_post  # the same pre-training, another SFT

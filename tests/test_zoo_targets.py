@@ -11,11 +11,10 @@ import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_zoo import TINY_LM
 
 from unifieddelta import zoo
 from unifieddelta.errors import InvalidParameterError
-
-from test_zoo import TINY_LM
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "zoo_targets.py"
 
@@ -30,8 +29,11 @@ def zt():
 
 def _tiny_overrides() -> list[str]:
     default = zoo.recipe_for("tiny-lm")
-    return [f"{f.name}={getattr(TINY_LM, f.name)}" for f in dataclasses.fields(TINY_LM)
-            if getattr(TINY_LM, f.name) != getattr(default, f.name)]
+    return [
+        f"{f.name}={getattr(TINY_LM, f.name)}"
+        for f in dataclasses.fields(TINY_LM)
+        if getattr(TINY_LM, f.name) != getattr(default, f.name)
+    ]
 
 
 def test_overrides_cast_to_the_field_type_and_reject_unknown_fields(zt):
@@ -44,22 +46,39 @@ def test_overrides_cast_to_the_field_type_and_reject_unknown_fields(zt):
 
 
 def test_breaks_at_is_the_first_p_losing_more_than_two_points(zt):
-    table = pd.DataFrame({"post": [0.50, 0.90], "DARE p=0.3": [0.49, 0.90], "DARE p=0.5": [0.48, 0.89],
-                          "DARE p=0.7": [0.47, 0.90]})
+    table = pd.DataFrame(
+        {"post": [0.50, 0.90], "DARE p=0.3": [0.49, 0.90], "DARE p=0.5": [0.48, 0.89], "DARE p=0.7": [0.47, 0.90]}
+    )
     assert zt.breaks_at(table, [0.7, 0.3, 0.5]) == 0.7  # 0.48 is exactly 2 points below: not broken
     assert zt.breaks_at(table, [0.3, 0.5]) is None
 
 
 def test_runs_end_to_end_on_a_tiny_recipe(zt, tmp_path, monkeypatch):
     out = tmp_path / "targets.json"
-    monkeypatch.setattr(sys, "argv", ["zoo_targets.py", "--names", "tiny-lm", "--dare-sweep", "0.5",
-                                      "--dare-seeds", "2", "--json", str(out), "--set", *_tiny_overrides()])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "zoo_targets.py",
+            "--names",
+            "tiny-lm",
+            "--dare-sweep",
+            "0.5",
+            "--dare-seeds",
+            "2",
+            "--json",
+            str(out),
+            "--set",
+            *_tiny_overrides(),
+        ],
+    )
     zt.main()
     result = json.loads(out.read_text())["tiny-lm"]
     pre, post = zoo.load_pair("tiny-lm", recipe=TINY_LM)  # the overrides built exactly this recipe's pair
     a, b = load_file(str(pre / "model.safetensors")), load_file(str(post / "model.safetensors"))
-    rel = statistics.median(((b[k].double() - a[k].double()).norm() / a[k].double().norm()).item()
-                            for k in a if a[k].ndim == 2)
+    rel = statistics.median(
+        ((b[k].double() - a[k].double()).norm() / a[k].double().norm()).item() for k in a if a[k].ndim == 2
+    )
     assert result["rel_change"] == pytest.approx(rel, rel=1e-5)
     runs = result["dare_per_seed"]["DARE p=0.5"]
     assert len(runs) == 2

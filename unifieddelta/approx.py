@@ -195,7 +195,9 @@ def _dot(a: torch.Tensor | None, b: torch.Tensor) -> float:
 # ---------------------------------------------------------------------------------------------- the scaffold
 
 
-def _fresh(dirs: Mapping[str, tuple[torch.Tensor, torch.Tensor]], model: nn.Module, t: float) -> dict[str, torch.Tensor]:
+def _fresh(
+    dirs: Mapping[str, tuple[torch.Tensor, torch.Tensor]], model: nn.Module, t: float
+) -> dict[str, torch.Tensor]:
     """W + t·D for every parameter as new tensors (none shares storage with the model), and copies of every buffer:
     whatever ``loss_fn`` writes (a parameter, BatchNorm's running statistics) never reaches the model."""
     out = {n: b.detach().clone() for n, b in model.named_buffers()}
@@ -219,8 +221,9 @@ def _flags_kept(model: nn.Module) -> Iterator[None]:
             m.training = training
 
 
-def _sweep(model: nn.Module, loss_fn: LossFn, dirs, nodes: Sequence[float], width: int, per_part, desc: str,
-           what: str) -> torch.Tensor:  # fmt: skip
+def _sweep(
+    model: nn.Module, loss_fn: LossFn, dirs, nodes: Sequence[float], width: int, per_part, desc: str, what: str
+) -> torch.Tensor:
     """The loop the three quantities share. For each node t and each of this process's loss parts, ``per_part(part,
     tensors, t) -> (loss, values)`` runs on fresh tensors at W + t·D (see :func:`_fresh`); losses and the ``width``
     values are summed in float64 and checked finite (at once in one process; under torch.distributed only after
@@ -275,18 +278,31 @@ def approximation_term(
         if mode == "jvp":
             stack.enter_context(_eager_attention(model))
             stack.enter_context(torch.no_grad())  # forward-mode AD needs no autograd graph
-        sums = _sweep(model, loss_fn, dirs, nodes, max(len(names), 1) if mode == "grad" else 1,
-                      lambda part, x, t: per_part(model, part, dirs, x, t),
-                      f"approximation term ({rule}, {mode})", "the directional derivative ⟨∇L, D⟩")
+        sums = _sweep(
+            model,
+            loss_fn,
+            dirs,
+            nodes,
+            max(len(names), 1) if mode == "grad" else 1,
+            lambda part, x, t: per_part(model, part, dirs, x, t),
+            f"approximation term ({rule}, {mode})",
+            "the directional derivative ⟨∇L, D⟩",
+        )
     vals, losses = sums[:, :-1], sums[:, -1]
     per_tensor = (torch.tensor(weights, dtype=torch.float64)[:, None] * vals).sum(0)
     n = len(nodes) * len(_parts(loss_fn))
     return ApproxResult(
         term=float(per_tensor.sum()),
         per_tensor={name: float(v) for name, v in zip(names, per_tensor)} if mode == "grad" else {},
-        nodes=nodes, weights=weights, values=vals.sum(1).tolist(), losses=losses.tolist(), rule=rule, mode=mode,
-        forward_passes=n, backward_passes=n if mode == "grad" else 0,
-    )  # fmt: skip
+        nodes=nodes,
+        weights=weights,
+        values=vals.sum(1).tolist(),
+        losses=losses.tolist(),
+        rule=rule,
+        mode=mode,
+        forward_passes=n,
+        backward_passes=n if mode == "grad" else 0,
+    )
 
 
 def _gradient_dots(model, part, dirs, x, t) -> tuple[torch.Tensor, list[float]]:
@@ -308,13 +324,17 @@ def _directional_derivative(model, part, dirs, x, t) -> tuple[torch.Tensor, list
     try:
         loss, df = jvp(lambda y: _call(model, part, {**x, **y}, t), (primals,), (tangents,))
     except NotImplementedError as e:  # e.g. a fused attention kernel outside Hugging Face's switch
-        raise NotImplementedError(f"{e}\nmode='jvp' needs forward-mode derivatives of every op the "
-                                  "model runs; use mode='grad' or a plain-PyTorch attention") from e
+        raise NotImplementedError(
+            f"{e}\nmode='jvp' needs forward-mode derivatives of every op the "
+            "model runs; use mode='grad' or a plain-PyTorch attention"
+        ) from e
     except RuntimeError as e:
         if "mutate a captured Tensor" not in str(e):
             raise
-        raise InvalidParameterError("mode='jvp' cannot run a loss that writes into the model's tensors (a BatchNorm "
-                                    "in train mode updates its statistics): use mode='grad', or eval mode") from e
+        raise InvalidParameterError(
+            "mode='jvp' cannot run a loss that writes into the model's tensors (a BatchNorm "
+            "in train mode updates its statistics): use mode='grad', or eval mode"
+        ) from e
     return loss, [float(df.double())]
 
 
@@ -322,8 +342,16 @@ def loss_change(model: nn.Module, direction: Mapping[str, torch.Tensor], loss_fn
     """The exact L(W + D) − L(W) (two forward passes per batch, the losses summed in float64)."""
     dirs = _directions(model, direction)
     with torch.no_grad():
-        sums = _sweep(model, loss_fn, dirs, [0.0, 1.0], 0, lambda part, x, t: (_call(model, part, x, t), []),
-                      "exact loss change", "the loss")
+        sums = _sweep(
+            model,
+            loss_fn,
+            dirs,
+            [0.0, 1.0],
+            0,
+            lambda part, x, t: (_call(model, part, x, t), []),
+            "exact loss change",
+            "the loss",
+        )
     return float(sums[1, -1] - sums[0, -1])
 
 

@@ -67,8 +67,9 @@ def _pair(pair: str, pre: str, post: str, smoke: bool, loss_data: str = "") -> P
 
 
 def _measure(tasks, limit, device, dtype, smoke, fewshot=None) -> dict:
-    return dict(tasks=tasks, limit=min(limit or 4, 4) if smoke else limit, device=device, dtype=dtype,
-                fewshot=fewshot or None)
+    return dict(
+        tasks=tasks, limit=min(limit or 4, 4) if smoke else limit, device=device, dtype=dtype, fewshot=fewshot or None
+    )
 
 
 def shrink(values: Sequence, smoke: bool) -> list:
@@ -109,27 +110,45 @@ def identity(*, pair, pre, post, loss_data, edits, rules, points, seeds, device,
                 for c in shrink(points, smoke):
                     if rule == "trapezoid" and c < 2:
                         continue
-                    trials.append(experiments.trial(p, method, params, seed, measure=("term",), rule=rule,
-                                                    points=int(c), **m))  # fmt: skip
+                    trials.append(
+                        experiments.trial(p, method, params, seed, measure=("term",), rule=rule, points=int(c), **m)
+                    )
     return trials
 
 
 @_chapter
-def dare(*, pair, pre, post, loss_data, tasks, limit, fewshot, seeds, ps, methods, device, dtype, smoke,
-         **_) -> list[Trial]:  # fmt: skip
+def dare(
+    *, pair, pre, post, loss_data, tasks, limit, fewshot, seeds, ps, methods, device, dtype, smoke, **_
+) -> list[Trial]:
     """DARE (k = 0) against drop-only over the drop rate p: every quantity, at several seeds."""
     p = _pair(pair, pre, post, smoke, loss_data)
     m = _measure(tasks, limit, device, dtype, smoke, fewshot)
     trials = experiments.references(p, measure=ALL, **m)
     for method in methods:
-        trials += experiments.grid(p, method, {"p": shrink(ps, smoke)}, seeds[:1] if smoke else seeds,
-                                   measure=ALL, **m)  # fmt: skip
+        trials += experiments.grid(p, method, {"p": shrink(ps, smoke)}, seeds[:1] if smoke else seeds, measure=ALL, **m)
     return trials
 
 
 @_chapter
-def kfamily(*, pair, pre, post, loss_data, tasks, limit, fewshot, seeds, ps, ks, vision_pairs, vision_seeds,
-            device, dtype, smoke, **_) -> list[Trial]:  # fmt: skip
+def kfamily(
+    *,
+    pair,
+    pre,
+    post,
+    loss_data,
+    tasks,
+    limit,
+    fewshot,
+    seeds,
+    ps,
+    ks,
+    vision_pairs,
+    vision_seeds,
+    device,
+    dtype,
+    smoke,
+    **_,
+) -> list[Trial]:
     """DARE's k-family over the p × k grid: the language pair at several seeds, each vision pair at ``vision_seeds``."""
     grid = {"p": shrink(ps, smoke), "k": shrink(ks, smoke)}
     p = _pair(pair, pre, post, smoke, loss_data)
@@ -145,15 +164,17 @@ def kfamily(*, pair, pre, post, loss_data, tasks, limit, fewshot, seeds, ps, ks,
 
 
 @_chapter
-def randomness(*, pair, pre, post, loss_data, tasks, limit, fewshot, seeds, ks, p_random, device, dtype, smoke,
-               **_) -> list[Trial]:  # fmt: skip
+def randomness(
+    *, pair, pre, post, loss_data, tasks, limit, fewshot, seeds, ks, p_random, device, dtype, smoke, **_
+) -> list[Trial]:
     """The paper's Table 1: random (DARE's k-family at ``p_random``), sign-biased and product-biased edits per k."""
     p = _pair(pair, pre, post, smoke, loss_data)
     m = _measure(tasks, limit, device, dtype, smoke, fewshot)
     ks = shrink(ks, smoke)
     trials = experiments.references(p, measure=ALL, **m)
-    trials += experiments.grid(p, "dare", {"k": ks}, seeds[:1] if smoke else seeds, fixed={"p": p_random},
-                               measure=ALL, **m)  # fmt: skip
+    trials += experiments.grid(
+        p, "dare", {"k": ks}, seeds[:1] if smoke else seeds, fixed={"p": p_random}, measure=ALL, **m
+    )
     for method in ("sign_biased", "product_biased"):
         trials += experiments.grid(p, method, {"k": ks}, measure=ALL, **m)
     return trials
@@ -182,8 +203,9 @@ def dare_works(*, sft_lrs, widths, tasks, limit, fewshot, seeds, ps, device, dty
 
 
 @_chapter
-def bitdelta(*, pair, pre, post, loss_data, tasks, limit, fewshot, seeds, scales, bits, dare_ps, device, dtype,
-             smoke, **_) -> list[Trial]:  # fmt: skip
+def bitdelta(
+    *, pair, pre, post, loss_data, tasks, limit, fewshot, seeds, scales, bits, dare_ps, device, dtype, smoke, **_
+) -> list[Trial]:
     """BitDelta against DARE; the magnitude as a multiple of the mean (one magnitude, or random normal/uniform
     magnitudes with that mean, at several seeds); magnitude bits (2^b equal-count blocks)."""
     p = _pair(pair, pre, post, smoke, loss_data)
@@ -192,15 +214,17 @@ def bitdelta(*, pair, pre, post, loss_data, tasks, limit, fewshot, seeds, scales
     trials = experiments.references(p, measure=ALL, **m)
     trials += experiments.grid(p, "dare", {"p": shrink(dare_ps, smoke)}, seeds, measure=ALL, **m)
     for magnitudes in ("mean", "normal", "uniform"):
-        trials += experiments.grid(p, "bitdelta", {"scale": shrink(scales, smoke)}, seeds,
-                                   fixed={"magnitudes": magnitudes}, measure=ALL, **m)  # fmt: skip
+        trials += experiments.grid(
+            p, "bitdelta", {"scale": shrink(scales, smoke)}, seeds, fixed={"magnitudes": magnitudes}, measure=ALL, **m
+        )
     trials += experiments.grid(p, "bitdelta", {"bits": shrink(bits, smoke)}, measure=ALL, **m)
     return trials
 
 
 @_chapter
-def structure(*, pair, pre, post, loss_data, tasks, limit, fewshot, seeds, fractions, device, dtype, smoke,
-              **_) -> list[Trial]:  # fmt: skip
+def structure(
+    *, pair, pre, post, loss_data, tasks, limit, fewshot, seeds, fractions, device, dtype, smoke, **_
+) -> list[Trial]:
     """Low rank (a fraction of the rank) and magnitude trimming (a fraction of the entries) against DARE keeping
     the same fraction of entries at random (p = 1 − fraction)."""
     p = _pair(pair, pre, post, smoke, loss_data)
@@ -215,16 +239,37 @@ def structure(*, pair, pre, post, loss_data, tasks, limit, fewshot, seeds, fract
 
 
 @_chapter
-def expo(*, pair, dpo_pair, pre, post, loss_data, tasks, limit, fewshot, alphas_dpo, alphas, device, dtype,
-         smoke, dpo_pre, dpo_post, dpo_loss_data, dpo_beta, dpo_examples, **_) -> list[Trial]:  # fmt: skip
+def expo(
+    *,
+    pair,
+    dpo_pair,
+    pre,
+    post,
+    loss_data,
+    tasks,
+    limit,
+    fewshot,
+    alphas_dpo,
+    alphas,
+    device,
+    dtype,
+    smoke,
+    dpo_pre,
+    dpo_post,
+    dpo_loss_data,
+    dpo_beta,
+    dpo_examples,
+    **_,
+) -> list[Trial]:
     """EXPO: extrapolation along the DPO delta (the DPO loss) over ``alphas_dpo``; interpolation against
     extrapolation over ``alphas`` on the SFT pair and on the DPO pair. The DPO pair: the zoo's ``dpo_pair``, or
     ``dpo_pre`` -> ``dpo_post`` checkpoints with preference data ``dpo_loss_data`` (``dpo_examples`` of its
     triples; None: all) and β ``dpo_beta``."""
     m = _measure(tasks, limit, device, dtype, smoke, fewshot)
     if dpo_pre or dpo_post:
-        dpo = experiments.pair(pre=dpo_pre or None, post=dpo_post or None, kind="dpo", loss_data=dpo_loss_data or None,
-                               dpo_beta=dpo_beta)  # fmt: skip
+        dpo = experiments.pair(
+            pre=dpo_pre or None, post=dpo_post or None, kind="dpo", loss_data=dpo_loss_data or None, dpo_beta=dpo_beta
+        )
     else:
         dpo = experiments.pair(dpo_pair, smoke=smoke)
     sft = _pair(pair, pre, post, smoke, loss_data)
@@ -237,16 +282,41 @@ def expo(*, pair, dpo_pair, pre, post, loss_data, tasks, limit, fewshot, alphas_
 
 
 @_chapter
-def minilm(*, pair, pre, post, compare, tasks, limit, loss_pairs, seeds, dare_ps, drop_ps, bits, ranks, keeps,
-           alphas, device, dtype, smoke, **_) -> Plan:  # fmt: skip
+def minilm(
+    *,
+    pair,
+    pre,
+    post,
+    compare,
+    tasks,
+    limit,
+    loss_pairs,
+    seeds,
+    dare_ps,
+    drop_ps,
+    bits,
+    ranks,
+    keeps,
+    alphas,
+    device,
+    dtype,
+    smoke,
+    **_,
+) -> Plan:
     """The paper's edits on a real delta nobody here trained (``minilm-sre``, or pre/post sentence encoders): DARE
     over p at several masks, drop-only, BitDelta, low rank, trimming, extrapolation and interpolation; the term, the
     exact change and the embedding scores on held-out SRE paraphrases (``loss_pairs`` of them in the loss, ``limit``
     in the scores; None: all). ``compare``: zoo pairs shown beside it for the delta's size. Smoke: DARE's first and
     last p, the last value of every other grid, 8 pairs in the loss and 16 in the scores."""
     p = experiments.pair(pre=pre, post=post, kind="embedding") if pre or post else experiments.pair(pair)
-    m = dict(measure=("term", "loss_change", "scores"), tasks=tasks, loss_examples=8 if smoke else loss_pairs,
-             limit=16 if smoke else limit, device=device, dtype=dtype)  # fmt: skip
+    m = dict(
+        measure=("term", "loss_change", "scores"),
+        tasks=tasks,
+        loss_examples=8 if smoke else loss_pairs,
+        limit=16 if smoke else limit,
+        device=device,
+        dtype=dtype,
+    )
     seeds = seeds[:1] if smoke else seeds
     last = (lambda values: list(values)[-1:]) if smoke else list  # smoke: each other edit once (3 s a trial)
     trials = experiments.references(p, **m)
@@ -270,8 +340,25 @@ def classification(*, chapters, smoke, **_) -> Plan:
 
 
 @_chapter
-def predicts(*, chapters, pair, tasks, limit, fewshot, sigmas, noise_seeds, loss_tasks, edits, device, dtype, smoke,
-             pre, post, loss_data, **_) -> Plan:  # fmt: skip
+def predicts(
+    *,
+    chapters,
+    pair,
+    tasks,
+    limit,
+    fewshot,
+    sigmas,
+    noise_seeds,
+    loss_tasks,
+    edits,
+    device,
+    dtype,
+    smoke,
+    pre,
+    post,
+    loss_data,
+    **_,
+) -> Plan:
     """What the term predicts: every trial the other chapters measure (``chapters``, as for the classification),
     Gaussian perturbations D of growing relative size ``sigmas`` on ``pair`` (or pre/post; term, exact change,
     scores), and ``edits`` with the term taken on other loss data, one at a time (``loss_tasks``: a zoo pair's task
@@ -280,14 +367,24 @@ def predicts(*, chapters, pair, tasks, limit, fewshot, sigmas, noise_seeds, loss
     p = _pair(pair, pre, post, smoke, loss_data)
     m = _measure(tasks, limit, device, dtype, smoke, fewshot)
     trials += experiments.references(p, measure=ALL, **m)
-    trials += experiments.grid(p, "gaussian", {"sigma": shrink(sigmas, smoke)}, shrink(noise_seeds, smoke),
-                               measure=("term", "loss_change", "scores"), **m)  # fmt: skip
+    trials += experiments.grid(
+        p,
+        "gaussian",
+        {"sigma": shrink(sigmas, smoke)},
+        shrink(noise_seeds, smoke),
+        measure=("term", "loss_change", "scores"),
+        **m,
+    )
     for task in shrink(loss_tasks, smoke):
-        q = experiments.pair(pre=pre, post=post, loss_data=task) if pre or post else \
-            experiments.pair(pair, smoke=smoke, loss_data=f"task:{task}")
+        q = (
+            experiments.pair(pre=pre, post=post, loss_data=task)
+            if pre or post
+            else experiments.pair(pair, smoke=smoke, loss_data=f"task:{task}")
+        )
         for method, params in _edits(edits):
-            trials.append(experiments.trial(q, method, params, measure=("term", "loss_change"), device=device,
-                                            dtype=dtype))  # fmt: skip
+            trials.append(
+                experiments.trial(q, method, params, measure=("term", "loss_change"), device=device, dtype=dtype)
+            )
     return Plan("predicts", list(dict.fromkeys(trials)))
 
 
@@ -316,7 +413,8 @@ def _tables_for_the_pdf() -> None:
     shell = get_ipython()
     if shell is not None:
         shell.display_formatter.formatters["text/markdown"].for_type(
-            Styler, lambda st: "```text\n" + styler_text(st) + "\n```")
+            Styler, lambda st: "```text\n" + styler_text(st) + "\n```"
+        )
 
 
 def glue(name: str, value) -> None:
@@ -380,9 +478,9 @@ def per_trial(frame, pair: str | None = None):
     keys = ["pair", "method", "edit", "seed", "trial"]
     base = frame.drop_duplicates("trial")[keys + settings].set_index("trial")
     left = (frame.quantity != "term") | ((frame["rule"] == "left") & (frame["points"] == 5) & (frame["mode"] == "grad"))
-    values = frame[left & frame.quantity.isin(["term", "first_order", "loss_change", "second_order", "d_norm",
-                                               "loss"])].pivot_table(index="trial", columns="quantity",
-                                                                     values="value", aggfunc="first")
+    values = frame[
+        left & frame.quantity.isin(["term", "first_order", "loss_change", "second_order", "d_norm", "loss"])
+    ].pivot_table(index="trial", columns="quantity", values="value", aggfunc="first")
     out = base.join(values)
     changes = _score_changes(frame)
     out["score_change"] = changes.groupby("trial").score_change.mean() if len(changes) else math.nan
@@ -398,7 +496,11 @@ def _score_changes(frame):
         post = reference_scores(frame, name)["post"]
         group = group[group.task.isin(post.index)]
         out.append(group.assign(score_change=group.value.to_numpy() - post[group.task].to_numpy()))
-    return pd.concat(out)[["trial", "task", "score_change"]] if out else pd.DataFrame(columns=["trial", "task", "score_change"])
+    return (
+        pd.concat(out)[["trial", "task", "score_change"]]
+        if out
+        else pd.DataFrame(columns=["trial", "task", "score_change"])
+    )
 
 
 def task_changes(frame):
@@ -408,8 +510,11 @@ def task_changes(frame):
     changes = _score_changes(frame)
     if changes.empty:
         return rows.iloc[:0]
-    keep = [c for c in ("pair", "method", "edit", "seed", "term", "first_order", "loss_change", "d_norm", "loss")
-            if c in rows]  # fmt: skip
+    keep = [
+        c
+        for c in ("pair", "method", "edit", "seed", "term", "first_order", "loss_change", "d_norm", "loss")
+        if c in rows
+    ]
     return changes.join(rows[keep], on="trial")
 
 
@@ -462,7 +567,9 @@ def reference_scores(frame, pair: str | None = None) -> dict:
     if pair is not None:
         s = s[s.pair == pair]
     ext = s[s.method == "extrapolate"]
-    return {name: ext[ext.alpha == alpha].groupby("task")["value"].mean() for name, alpha in (("pre", -1.0), ("post", 0.0))}
+    return {
+        name: ext[ext.alpha == alpha].groupby("task")["value"].mean() for name, alpha in (("pre", -1.0), ("post", 0.0))
+    }
 
 
 def safe_until(frame, method: str, setting: str, *, tolerance: float = 0.02, pair: str | None = None) -> dict:
@@ -487,8 +594,15 @@ def safe_until(frame, method: str, setting: str, *, tolerance: float = 0.02, pai
 
 
 #: The paper's classes, by the sign of the term (§4-6): its claim for each edit, where it makes one.
-PAPER_CLASS = {"dare": "competitive", "drop_only": "decreased", "bitdelta": "decreased", "low_rank": "decreased",
-               "magnitude_trim": "decreased", "sign_biased": "competitive", "product_biased": "decreased"}
+PAPER_CLASS = {
+    "dare": "competitive",
+    "drop_only": "decreased",
+    "bitdelta": "decreased",
+    "low_rank": "decreased",
+    "magnitude_trim": "decreased",
+    "sign_biased": "competitive",
+    "product_biased": "decreased",
+}
 
 
 def paper_class(method: str, params: dict, kind: str) -> str | None:
@@ -516,8 +630,10 @@ def disagreements(classes) -> str:
     bad = classes[classes.agree == "no"]
     parts = []
     for (pair, method), rows in bad.groupby(["pair", "method"], sort=False):
-        settings = ", ".join(e[len(method) + 1:-1] or "default settings" for e in rows.edit)
-        parts.append(f"{method} on {pair} at {settings} ({'/'.join(rows.ours.unique())}; the paper: {rows.paper.iloc[0]})")
+        settings = ", ".join(e[len(method) + 1 : -1] or "default settings" for e in rows.edit)
+        parts.append(
+            f"{method} on {pair} at {settings} ({'/'.join(rows.ours.unique())}; the paper: {rows.paper.iloc[0]})"
+        )
     return "; ".join(parts) or "none"
 
 
@@ -529,8 +645,9 @@ def classify(frame, trials: Sequence[Trial], *, rule: str = "left", points: int 
 
     kinds = {t.pair.name: t.pair.kind for t in trials}
     params = {t.key: t.params for t in trials}
-    terms = frame[(frame.quantity == "term") & (frame["rule"] == rule) & (frame["points"] == points)
-                  & (frame["mode"] == "grad")]  # fmt: skip
+    terms = frame[
+        (frame.quantity == "term") & (frame["rule"] == rule) & (frame["points"] == points) & (frame["mode"] == "grad")
+    ]
     loss = frame[frame.quantity == "loss"].groupby("pair")["value"].first()
     change = frame[frame.quantity == "loss_change"].groupby(["pair", "edit"])["value"].mean()
     s = experiments.scores(frame)
@@ -547,21 +664,58 @@ def classify(frame, trials: Sequence[Trial], *, rule: str = "left", points: int 
         sd = float(group.value.std()) if len(group) > 1 else math.nan
         ours = our_class(term, float(loss.get(pair_name, math.nan)), tolerance, sd, len(group))
         theirs = paper_class(method, setting, kinds.get(pair_name, "lm"))
-        rows.append({"_trial": group.trial.iloc[0], "pair": pair_name, "edit": edit, "method": method,
-                     "seeds": group.seed.nunique(), "term": term,
-                     "term_sd": sd,
-                     "loss_change": float(change.get((pair_name, edit), math.nan)), "score_change": score_change,
-                     "ours": ours, "paper": theirs or "—",
-                     "agree": "—" if theirs is None else ("yes" if theirs == ours else "no")})
+        rows.append(
+            {
+                "_trial": group.trial.iloc[0],
+                "pair": pair_name,
+                "edit": edit,
+                "method": method,
+                "seeds": group.seed.nunique(),
+                "term": term,
+                "term_sd": sd,
+                "loss_change": float(change.get((pair_name, edit), math.nan)),
+                "score_change": score_change,
+                "ours": ours,
+                "paper": theirs or "—",
+                "agree": "—" if theirs is None else ("yes" if theirs == ours else "no"),
+            }
+        )
     out = pd.DataFrame(rows)
     if out.empty:
-        return pd.DataFrame(columns=["pair", "edit", "method", "seeds", "term", "term_sd", "loss_change",
-                                     "score_change", "ours", "paper", "agree"])
-    order = {m: i for i, m in enumerate(["dare", "drop_only", "bitdelta", "low_rank", "magnitude_trim",
-                                         "extrapolate", "sign_biased", "product_biased"])}
+        return pd.DataFrame(
+            columns=[
+                "pair",
+                "edit",
+                "method",
+                "seeds",
+                "term",
+                "term_sd",
+                "loss_change",
+                "score_change",
+                "ours",
+                "paper",
+                "agree",
+            ]
+        )
+    order = {
+        m: i
+        for i, m in enumerate(
+            [
+                "dare",
+                "drop_only",
+                "bitdelta",
+                "low_rank",
+                "magnitude_trim",
+                "extrapolate",
+                "sign_biased",
+                "product_biased",
+            ]
+        )
+    }
     out["_order"] = out.method.map(lambda m: order.get(m, len(order)))
-    out["_value"] = [tuple(v for _, v in sorted(params[t].items()) if isinstance(v, (int, float)))
-                     for t in out.pop("_trial")]  # settings in numeric order: p = 0.1, 0.2, ...
+    out["_value"] = [
+        tuple(v for _, v in sorted(params[t].items()) if isinstance(v, (int, float))) for t in out.pop("_trial")
+    ]  # settings in numeric order: p = 0.1, 0.2, ...
     return out.sort_values(["pair", "_order", "_value"]).drop(columns=["_order", "_value"]).reset_index(drop=True)
 
 
@@ -571,8 +725,14 @@ def score_drops(frame, method: str = "dare", settings: Sequence[str] = ("p", "k"
 
     trials = per_trial(frame)
     rows = with_columns(trials[trials.method == method], *settings)
-    out = rows.assign(drop=-rows.score_change, relative_d=rows.d_norm / _delta_norms(frame).reindex(rows.pair).to_numpy())
-    return out.groupby(["pair", *settings])[["drop", "relative_d", "term", "loss_change", "second_order"]].mean().reset_index()
+    out = rows.assign(
+        drop=-rows.score_change, relative_d=rows.d_norm / _delta_norms(frame).reindex(rows.pair).to_numpy()
+    )
+    return (
+        out.groupby(["pair", *settings])[["drop", "relative_d", "term", "loss_change", "second_order"]]
+        .mean()
+        .reset_index()
+    )
 
 
 def _delta_norms(frame):
@@ -597,11 +757,13 @@ def kfamily_pattern(drops) -> dict:
     spread = by_p["drop"].agg(lambda d: d.max() - d.min())
     worst = by_p.apply(lambda g: g.loc[g["drop"].idxmax(), "k"], include_groups=False)
     predicted = (1 - drops.k).abs() * (drops.p / (1 - drops.p)) ** 0.5
-    return {"rho_abs_k": float(sum(with_k) / len(with_k)) if with_k else math.nan,
-            "rho_p_spread": rank_correlation(spread.index, spread.to_numpy()),
-            "negative_worst": float((worst < 0).mean()) if len(worst) else math.nan,
-            "rho_predicted": rank_correlation(predicted, drops["drop"]),
-            "rho_relative_d": rank_correlation(drops.relative_d, drops["drop"])}
+    return {
+        "rho_abs_k": float(sum(with_k) / len(with_k)) if with_k else math.nan,
+        "rho_p_spread": rank_correlation(spread.index, spread.to_numpy()),
+        "negative_worst": float((worst < 0).mean()) if len(worst) else math.nan,
+        "rho_predicted": rank_correlation(predicted, drops["drop"]),
+        "rho_relative_d": rank_correlation(drops.relative_d, drops["drop"]),
+    }
 
 
 def first_order_scale(pair: Pair, device: str = "cpu", dtype: str = "float32") -> float:
@@ -611,7 +773,9 @@ def first_order_scale(pair: Pair, device: str = "cpu", dtype: str = "float32") -
 
     session = experiments.Session(pair, device, dtype, False)
     grad = session.gradient(None)
-    total = sum(float((d * grad[name].double()).pow(2).sum()) for name, d in deltas.iter_deltas(session.pre, session.post))
+    total = sum(
+        float((d * grad[name].double()).pow(2).sum()) for name, d in deltas.iter_deltas(session.pre, session.post)
+    )
     return math.sqrt(total)
 
 
@@ -637,8 +801,7 @@ def layer_of(name: str) -> str:
     return f"layer {found.group(1)}" if found else name.split(".")[0]
 
 
-def paraphrase_check(pair: Pair, split: str = "fit", n: int | None = None, device: str = "cpu",
-                     dtype: str = "float32"):  # fmt: skip
+def paraphrase_check(pair: Pair, split: str = "fit", n: int | None = None, device: str = "cpu", dtype: str = "float32"):
     """Pre and post of an embedding pair on SRE paraphrase pairs of ``split``: the loss (mean 1 − cos), retrieval
     accuracy, the mean cosine of a sentence with its paraphrase and with an unrelated sentence (the next pair's)."""
     import pandas as pd
@@ -655,11 +818,15 @@ def paraphrase_check(pair: Pair, split: str = "fit", n: int | None = None, devic
     for side, folder in sides.items():
         model = experiments.KINDS["embedding"].load(folder, device, getattr(torch, dtype))
         e = embed(model, tokenizer, [p["a"] for p in pairs] + [p["b"] for p in pairs]).double()
-        a, b = e[: len(pairs)], e[len(pairs):]
+        a, b = e[: len(pairs)], e[len(pairs) :]
         cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
         other = torch.nn.functional.cosine_similarity(a, b.roll(1, 0), dim=-1)
-        rows[side] = {"loss": float((1 - cos).mean()), "retrieval": float(retrieval_hits(a, b).double().mean()),
-                      "cos paraphrase": float(cos.mean()), "cos unrelated": float(other.mean())}
+        rows[side] = {
+            "loss": float((1 - cos).mean()),
+            "retrieval": float(retrieval_hits(a, b).double().mean()),
+            "cos paraphrase": float(cos.mean()),
+            "cos unrelated": float(other.mean()),
+        }
     return pd.DataFrame(rows).T
 
 

@@ -27,15 +27,26 @@ from .errors import CheckpointError, MismatchError
 __all__ = ["Checkpoint", "open_checkpoint", "resolve_folder", "load_model", "write_safetensors", "write_like"]
 
 _ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": getattr(torch, "float8_e4m3fn", None), "F8_E5M2": getattr(torch, "float8_e5m2", None),
-}  # fmt: skip
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
+    "F8_E5M2": getattr(torch, "float8_e5m2", None),
+}
 #: Every dtype a safetensors header names (floating or not), for reading and writing raw bytes.
 _ST_STORED = {
-    **{k: v for k, v in _ST_DTYPES.items() if v is not None}, "I64": torch.int64, "I32": torch.int32,
-    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool, "U16": torch.uint16,
-    "U32": torch.uint32, "U64": torch.uint64,
-}  # fmt: skip
+    **{k: v for k, v in _ST_DTYPES.items() if v is not None},
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
+}
 _ST_NAMES = {v: k for k, v in _ST_STORED.items()}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 
@@ -161,7 +172,9 @@ def write_safetensors(path: Path, specs: list[tuple[str, torch.dtype, tuple[int,
             written = 0
             for t in [item] if isinstance(item, torch.Tensor) else item:
                 if t.dtype != dtype or tuple(t.shape[1:]) != tuple(shape[1:]):
-                    raise MismatchError(f"tensor {name!r}: produced {t.dtype} {tuple(t.shape)}, expected {dtype} {shape}")
+                    raise MismatchError(
+                        f"tensor {name!r}: produced {t.dtype} {tuple(t.shape)}, expected {dtype} {shape}"
+                    )
                 f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
                 written += t.nbytes
             if written != math.prod(shape) * dtype.itemsize:
@@ -260,7 +273,6 @@ def open_checkpoint(source: str | Path | nn.Module | Checkpoint) -> Checkpoint:
     return ck
 
 
-
 def load_model(folder: Path) -> nn.Module:
     """The folder's Hugging Face model, in its stored dtype (the class named in config.json)."""
     import transformers
@@ -273,7 +285,6 @@ def load_model(folder: Path) -> nn.Module:
         return cls.from_pretrained(folder, dtype="auto")
     except Exception as e:
         raise CheckpointError(f"{folder}: cannot load the model ({type(e).__name__}: {e})") from None
-
 
 
 def _is_weights(fname: str) -> bool:

@@ -29,8 +29,11 @@ def _add_book(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--only", nargs="+", metavar="NOTEBOOK", help="execute only these notebooks of the profile")
     p.add_argument("--root", default=None, help="the book's root folder (default: found from the current folder)")
     p.add_argument("--force", action="store_true", help="execute notebooks even when the cache has them")
-    p.add_argument("--dry-run", action="store_true",
-                   help="list the notebooks, their parameters, pairs and trials (stored / to compute); run nothing")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="list the notebooks, their parameters, pairs and trials (stored / to compute); run nothing",
+    )
     p.add_argument("--store", default=None, help="the experiment store to count trials in (default: the cache's)")
     p.set_defaults(func=_book)
 
@@ -60,10 +63,19 @@ def _edit(args: argparse.Namespace) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = apply_edit(
-            args.pre, args.post, args.method, seed=args.seed, include=args.include, exclude=args.exclude,
-            preset=args.preset, out=args.out, overwrite=args.overwrite, progress=True,
-            compute_dtype=getattr(torch, args.compute_dtype), **params,
-        )  # fmt: skip
+            args.pre,
+            args.post,
+            args.method,
+            seed=args.seed,
+            include=args.include,
+            exclude=args.exclude,
+            preset=args.preset,
+            out=args.out,
+            overwrite=args.overwrite,
+            progress=True,
+            compute_dtype=getattr(torch, args.compute_dtype),
+            **params,
+        )
     _warn_lines(caught)
     print(f"edited checkpoint: {out}")
     return 0
@@ -72,16 +84,26 @@ def _edit(args: argparse.Namespace) -> int:
 def _add_edit(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("edit", help="write the checkpoint W_pre + F(W_post - W_pre), shard by shard")
     _add_pair_args(p, required=True)
-    p.add_argument("--method", required=True, help="dare, drop_only, bitdelta, low_rank, magnitude_trim, extrapolate, sign_biased")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a setting of the method (repeatable), e.g. p=0.9")
+    p.add_argument(
+        "--method", required=True, help="dare, drop_only, bitdelta, low_rank, magnitude_trim, extrapolate, sign_biased"
+    )
+    p.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="a setting of the method (repeatable), e.g. p=0.9"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the random edits (per tensor: seed and tensor name)")
     p.add_argument("--out", required=True, help="folder to write (refused if it exists, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--include", action="append", metavar="REGEX", help="edit only tensors whose name matches")
     p.add_argument("--exclude", action="append", metavar="REGEX", help="leave tensors whose name matches as in post")
-    p.add_argument("--preset", default="all", help="all (default), matrices (2-D only), linear (no embeddings/norms/heads)")
-    p.add_argument("--compute-dtype", choices=["float64", "float32"], default="float64",
-                   help="precision of the edit arithmetic (float32: half the memory and time, identity edits still exact)")
+    p.add_argument(
+        "--preset", default="all", help="all (default), matrices (2-D only), linear (no embeddings/norms/heads)"
+    )
+    p.add_argument(
+        "--compute-dtype",
+        choices=["float64", "float32"],
+        default="float64",
+        help="precision of the edit arithmetic (float32: half the memory and time, identity edits still exact)",
+    )
     p.set_defaults(func=_edit)
 
 
@@ -93,8 +115,9 @@ def _stats(args: argparse.Namespace) -> int:
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        table = delta_stats(args.pre, args.post, include=args.include, exclude=args.exclude, preset=args.preset,
-                            progress=True)  # fmt: skip
+        table = delta_stats(
+            args.pre, args.post, include=args.include, exclude=args.exclude, preset=args.preset, progress=True
+        )
     _warn_lines(caught)
     if args.csv:
         atomic_write_bytes(args.csv, table.to_csv(index=False).encode())
@@ -122,26 +145,39 @@ def _add_stats(sub: argparse._SubParsersAction) -> None:
 def _sweep(args: argparse.Namespace) -> int:
     from . import experiments
     from .cache import atomic_write_bytes
-    from .settings import parse_value
     from .tasks import check_tasks
 
     # Everything is checked before anything is built, measured or written.
-    pair = experiments.pair(args.pair, pre=args.pre, post=args.post, loss_data=args.loss_data, smoke=args.smoke,
-                            kind=args.kind, dpo_beta=args.dpo_beta)
-    values = {}
-    for item in args.grid or []:
-        key, sep, text = item.partition("=")
-        if not sep or not key.strip() or not text.strip():
-            raise InvalidParameterError(f"--grid expects NAME=V1,V2,..., got {item!r}")
-        values[key.strip()] = [parse_value(v.strip()) for v in text.split(",")]
+    pair = experiments.pair(
+        args.pair,
+        pre=args.pre,
+        post=args.post,
+        loss_data=args.loss_data,
+        smoke=args.smoke,
+        kind=args.kind,
+        dpo_beta=args.dpo_beta,
+    )
+    values = _grid_values(args.grid)
     seeds = _int_list(args.seeds, "--seeds")
     tasks = check_tasks(args.tasks.split(",")) if args.tasks else None
     if args.limit is not None and args.limit < 1:
         raise InvalidParameterError(f"--limit must be a positive number of documents, got {args.limit}")
     measure = [m.strip() for m in args.measure.split(",") if m.strip()]
-    trials = experiments.grid(pair, args.method, values, seeds, fixed=parse_settings(args.set), measure=measure,
-                              rule=args.rule, points=args.points, mode=args.mode, tasks=tasks, limit=args.limit,
-                              device=args.device, dtype=args.dtype)  # fmt: skip
+    trials = experiments.grid(
+        pair,
+        args.method,
+        values,
+        seeds,
+        fixed=parse_settings(args.set),
+        measure=measure,
+        rule=args.rule,
+        points=args.points,
+        mode=args.mode,
+        tasks=tasks,
+        limit=args.limit,
+        device=args.device,
+        dtype=args.dtype,
+    )
     shard = experiments.parse_shard(args.shard)
     store = experiments.Store(args.store)
     before, n = experiments.stored(trials, store)
@@ -150,13 +186,28 @@ def _sweep(args: argparse.Namespace) -> int:
     if args.csv:
         atomic_write_bytes(args.csv, table.to_csv(index=False).encode())
     where = f" (shard {shard[0]}/{shard[1]})" if shard else ""
-    print(f"{n} trial(s){where}: {before} from the store, {after - before} measured, {n - after} left to other "
-          f"workers; {len(table)} rows{f' written to {args.csv}' if args.csv else ''}; store {store.folder}")
+    print(
+        f"{n} trial(s){where}: {before} from the store, {after - before} measured, {n - after} left to other "
+        f"workers; {len(table)} rows{f' written to {args.csv}' if args.csv else ''}; store {store.folder}"
+    )
     summary = table[table.quantity.isin(["term", "loss_change", "second_order"])]
     if not summary.empty:
-        print(summary.pivot_table(index="edit", columns="quantity", values="value", aggfunc="mean").to_string(
-            float_format=lambda x: f"{x:.4g}"))
+        means = summary.pivot_table(index="edit", columns="quantity", values="value", aggfunc="mean")
+        print(means.to_string(float_format=lambda x: f"{x:.4g}"))
     return 0
+
+
+def _grid_values(items: list[str] | None) -> dict[str, list]:
+    """``--grid NAME=V1,V2`` options -> {NAME: [V1, V2]}."""
+    from .settings import parse_value
+
+    values = {}
+    for item in items or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip() or not text.strip():
+            raise InvalidParameterError(f"--grid expects NAME=V1,V2,..., got {item!r}")
+        values[key.strip()] = [parse_value(v.strip()) for v in text.split(",")]
+    return values
 
 
 def _int_list(text: str, what: str) -> list[int]:
@@ -170,32 +221,59 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sweep", help="measure an edit over a grid of settings and seeds, into the resumable store")
     p.add_argument("--pair", help="a zoo pair (tiny-lm, tiny-lm-dpo, tiny-vit/rot90, tiny-lm[sft_lr=5e-5], ...)")
     _add_pair_args(p, required=False)
-    p.add_argument("--method", required=True, help="an edit: dare, drop_only, bitdelta, low_rank, magnitude_trim, "
-                   "extrapolate, sign_biased, product_biased")  # fmt: skip
-    p.add_argument("--grid", action="append", metavar="NAME=V1,V2", help="values of a setting (repeatable: the "
-                   "grid is their cartesian product)")  # fmt: skip
+    p.add_argument(
+        "--method",
+        required=True,
+        help="an edit: dare, drop_only, bitdelta, low_rank, magnitude_trim, extrapolate, sign_biased, product_biased",
+    )
+    p.add_argument(
+        "--grid",
+        action="append",
+        metavar="NAME=V1,V2",
+        help="values of a setting (repeatable: the grid is their cartesian product)",
+    )
     p.add_argument("--set", action="append", metavar="NAME=V", help="a setting fixed for every trial (repeatable)")
     p.add_argument("--seeds", default="0", help="seeds, e.g. 0,1,2 (an edit that draws nothing runs once)")
-    p.add_argument("--measure", default="term,loss_change",
-                   help="some of term, loss_change, second_order, scores (default: term,loss_change)")
+    p.add_argument(
+        "--measure",
+        default="term,loss_change",
+        help="some of term, loss_change, second_order, scores (default: term,loss_change)",
+    )
     p.add_argument("--tasks", help="lm-eval tasks for scores, e.g. ud_add,ud_word or gsm8k (default: the pair's)")
     p.add_argument("--limit", type=int, help="documents per task for scores (default: all)")
-    p.add_argument("--rule", default="left", help="quadrature rule of the term: left (the paper's), right, "
-                   "midpoint, trapezoid, gauss")  # fmt: skip
+    p.add_argument(
+        "--rule",
+        default="left",
+        help="quadrature rule of the term: left (the paper's), right, midpoint, trapezoid, gauss",
+    )
     p.add_argument("--points", type=int, default=5, help="evaluations of the integrand (the paper's C = 5)")
     p.add_argument("--mode", default="grad", choices=["grad", "jvp"], help="backward passes or forward-mode")
-    p.add_argument("--loss-data", help="for --pre/--post: a JSONL of prompt/answer records, or hf:NAME[:CONFIG]:SPLIT"
-                   " (--kind dpo: preference triples, e.g. hf:HuggingFaceH4/ultrafeedback_binarized:test_prefs)")
-    p.add_argument("--kind", choices=["dpo", "embedding", "lm", "vision"], help="for --pre/--post: what the pair is (default "
-                   "lm: a causal LM; dpo: SFT -> DPO, the DPO loss with pre as the reference)")  # fmt: skip
+    p.add_argument(
+        "--loss-data",
+        help="for --pre/--post: a JSONL of prompt/answer records, or hf:NAME[:CONFIG]:SPLIT"
+        " (--kind dpo: preference triples, e.g. hf:HuggingFaceH4/ultrafeedback_binarized:test_prefs)",
+    )
+    p.add_argument(
+        "--kind",
+        choices=["dpo", "embedding", "lm", "vision"],
+        help="for --pre/--post: what the pair is (default "
+        "lm: a causal LM; dpo: SFT -> DPO, the DPO loss with pre as the reference)",
+    )
     p.add_argument("--dpo-beta", type=float, help="--kind dpo: the DPO loss's beta (default 0.1)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ..., or auto: a model larger than one GPU, "
-                   "placed over all of them by accelerate's device_map")  # fmt: skip
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu, cuda, cuda:1, ..., or auto: a model larger than one GPU, "
+        "placed over all of them by accelerate's device_map",
+    )
     p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
     p.add_argument("--store", help="the store folder (default: the project's cache); share it between workers")
     p.add_argument("--csv", metavar="FILE", help="write the tidy table as CSV")
-    p.add_argument("--shard", metavar="I/N", help="this worker's share of the grid (default: torchrun's RANK/"
-                   "WORLD_SIZE or a SLURM array's task id, if set)")  # fmt: skip
+    p.add_argument(
+        "--shard",
+        metavar="I/N",
+        help="this worker's share of the grid (default: torchrun's RANK/WORLD_SIZE or a SLURM array's task id, if set)",
+    )
     p.add_argument("--smoke", action="store_true", help="zoo pairs: the smoke recipe (seconds to build)")
     p.set_defaults(func=_sweep)
 

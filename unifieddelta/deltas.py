@@ -111,8 +111,7 @@ def tensor_generator(seed: int, name: str, device: str | torch.device = "cpu") -
     return generator
 
 
-
-# --- pairing the two sides -------------------------------------------------------------------------------------------------
+# --- pairing the two sides ---------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -192,7 +191,8 @@ def _tensors(pre: Checkpoint, post: Checkpoint, e: Entry) -> tuple[torch.Tensor,
 
 
 def _delta(name: str, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype = torch.float64, rows=None) -> torch.Tensor:
-    """post − pre in ``dtype``; a ``NonFiniteError`` naming the tensor (and ``rows``, a block) if any entry is NaN or Inf."""
+    """post − pre in ``dtype``; a ``NonFiniteError`` naming the tensor (and ``rows``, a block) if any entry is NaN or
+    Inf."""
     d = b.to(dtype, copy=True).sub_(a.to(b.device))  # in place: no converted copy of pre, no third tensor
     if not d.numel():
         return d
@@ -207,8 +207,6 @@ def _not_finite(name: str, bad: int, rows=None):
     raise NonFiniteError(f"tensor {name!r}: the delta has {bad} NaN/Inf entries{where} (pre or post is not finite)")
 
 
-
-
 def _bar(total: int, desc: str, progress: bool):
     """A progress bar over tensors that clears itself when closed (also on an error, so it never hides it)."""
     from tqdm.auto import tqdm
@@ -219,8 +217,9 @@ def _bar(total: int, desc: str, progress: bool):
 # --- reading deltas ------------------------------------------------------------------------------------------
 
 
-def iter_deltas(pre, post, *, include=None, exclude=None, preset: str = "all",
-                dtype: torch.dtype = torch.float64) -> Iterator[tuple[str, torch.Tensor]]:  # fmt: skip
+def iter_deltas(
+    pre, post, *, include=None, exclude=None, preset: str = "all", dtype: torch.dtype = torch.float64
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, ΔW)`` for each selected tensor, one at a time, in post's order (ΔW in ``dtype``).
 
     Grown embeddings are yielded on their shared rows; tensors only one side has are skipped (with a warning);
@@ -300,12 +299,26 @@ class _Edit:
         except (InvalidParameterError, MismatchError) as e:
             raise type(e)(f"tensor {name!r}: {e}") from None
 
-    def fused(self, name: str, a: torch.Tensor, b: torch.Tensor, seed: int, compute_dtype: torch.dtype,
-              offset: int = 0, rows=None) -> torch.Tensor | None:  # fmt: skip
+    def fused(
+        self,
+        name: str,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        seed: int,
+        compute_dtype: torch.dtype,
+        offset: int = 0,
+        rows=None,
+    ) -> torch.Tensor | None:
         """W_post + D of a tensor or row block in one C pass (the twin of ``_delta`` → ``apply`` → ``_add``, same
         bits), or None where it does not apply: no fused step, fp16, a compute dtype below float32, a small tensor."""
-        if (self.spec.fused is None or compute_dtype not in (torch.float32, torch.float64) or a.dtype != b.dtype
-                or a.shape != b.shape or b.numel() < edits.NATIVE_MIN_NUMEL or not native.supports(a, b)):
+        if (
+            self.spec.fused is None
+            or compute_dtype not in (torch.float32, torch.float64)
+            or a.dtype != b.dtype
+            or a.shape != b.shape
+            or b.numel() < edits.NATIVE_MIN_NUMEL
+            or not native.supports(a, b)
+        ):
             return None
         kwargs = self.spec.fused(**self.params)
         if self.seeded:
@@ -341,8 +354,9 @@ def _check_fits(edit: _Edit, post: Checkpoint, entries: list[Entry]) -> None:
 # --- W_post + D, tensor by tensor ----------------------------------------------------------------------------
 
 
-def _post_and_direction(edit: _Edit, e: Entry, pre: Checkpoint, post: Checkpoint, seed: int,
-                        compute_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def _post_and_direction(
+    edit: _Edit, e: Entry, pre: Checkpoint, post: Checkpoint, seed: int, compute_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(post's tensor, D = F(ΔW) − ΔW in ``compute_dtype``); for a grown embedding D covers the shared rows only."""
     b_full = post.get(e.name)
     b = b_full[: e.rows] if e.kind == "grown" else b_full
@@ -363,8 +377,9 @@ def _add(b_full: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _edited_tensor(edit: _Edit, e: Entry, pre: Checkpoint, post: Checkpoint, seed: int,
-                   compute_dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+def _edited_tensor(
+    edit: _Edit, e: Entry, pre: Checkpoint, post: Checkpoint, seed: int, compute_dtype: torch.dtype
+) -> torch.Tensor:
     """W_post + D of one whole tensor, in post's dtype: fused in one pass where the edit has a C step."""
     if e.kind != "grown":
         fused = edit.fused(e.name, pre.get(e.name), post.get(e.name), seed, compute_dtype)
@@ -382,8 +397,9 @@ def _in_rows(edit: _Edit, post: Checkpoint, name: str, compute_dtype: torch.dtyp
     return edit.spec.entrywise and len(shape) >= 1 and math.prod(shape) * compute_dtype.itemsize > BLOCK_BYTES
 
 
-def _edited_rows(edit: _Edit, e: Entry, pre: Checkpoint, post: Checkpoint, seed: int,
-                 compute_dtype: torch.dtype) -> Iterator[torch.Tensor]:  # fmt: skip
+def _edited_rows(
+    edit: _Edit, e: Entry, pre: Checkpoint, post: Checkpoint, seed: int, compute_dtype: torch.dtype
+) -> Iterator[torch.Tensor]:
     """W_post + D of one tensor in row blocks, for entry-wise edits: each block draws its stretch of the tensor's
     counter-based random stream (``offset``), so the blocks put together are exactly the tensor edited whole, in a
     fraction of the memory (a few blocks instead of a few copies of the tensor)."""
@@ -413,10 +429,21 @@ def _edited_rows(edit: _Edit, e: Entry, pre: Checkpoint, post: Checkpoint, seed:
 
 
 def direction(
-    pre, post, method: str, *, seed: int = 0, include=None, exclude=None, preset: str = "all", grad=None,
-    compute_dtype: torch.dtype = torch.float64, progress: bool = False, **params,
-) -> dict[str, torch.Tensor]:  # fmt: skip
-    """D = F(ΔW) − ΔW per selected tensor, keyed by post's parameter names, in post's dtype: the edited model is W_post + D.
+    pre,
+    post,
+    method: str,
+    *,
+    seed: int = 0,
+    include=None,
+    exclude=None,
+    preset: str = "all",
+    grad=None,
+    compute_dtype: torch.dtype = torch.float64,
+    progress: bool = False,
+    **params,
+) -> dict[str, torch.Tensor]:
+    """D = F(ΔW) − ΔW per selected tensor, keyed by post's parameter names, in post's dtype: the edited model is
+    W_post + D.
 
     Rows of a grown embedding that pre lacks get D = 0. ``grad`` (a dict by name) is for ``product_biased``.
     """
@@ -437,10 +464,22 @@ def direction(
 
 
 def apply_edit(
-    pre, post, method: str, *, seed: int = 0, include=None, exclude=None, preset: str = "all", out=None,
-    overwrite: bool = False, inplace: bool = False, grad=None, compute_dtype: torch.dtype = torch.float64,
-    progress: bool = False, **params,
-):  # fmt: skip
+    pre,
+    post,
+    method: str,
+    *,
+    seed: int = 0,
+    include=None,
+    exclude=None,
+    preset: str = "all",
+    out=None,
+    overwrite: bool = False,
+    inplace: bool = False,
+    grad=None,
+    compute_dtype: torch.dtype = torch.float64,
+    progress: bool = False,
+    **params,
+):
     """W_pre + F(ΔW): an edited in-memory model (``out=None``), or a checkpoint written to ``out`` (its path).
 
     In memory: post is a module (edited on a copy unless ``inplace``) or a folder loaded whole. On disk: post's
@@ -486,8 +525,9 @@ def _edit_in_memory(edit: _Edit, pre, model: nn.Module, seed: int, select: dict,
             model.get_parameter(name).copy_(t)
 
 
-def _edit_on_disk(edit: _Edit, pre, post, seed: int, select: dict, out, overwrite: bool, compute_dtype,
-                  progress: bool) -> None:  # fmt: skip
+def _edit_on_disk(
+    edit: _Edit, pre, post, seed: int, select: dict, out, overwrite: bool, compute_dtype, progress: bool
+) -> None:
     """Write the edited checkpoint in post's layout into a temporary folder, renamed to ``out`` when complete."""
     with open_checkpoint(pre) as pre_ck, open_checkpoint(post) as post_ck:
         entries = {e.name: e for e in plan(pre_ck, post_ck, **select)}
@@ -513,9 +553,16 @@ def _edit_on_disk(edit: _Edit, pre, post, seed: int, select: dict, out, overwrit
 
 def _write_provenance(folder: Path, pre, post, method, seed, params, include, exclude, preset) -> None:
     """What made this checkpoint, beside it: the pair, the method, its settings, the seed."""
-    name = lambda s: type(s).__name__ if isinstance(s, nn.Module) else str(s)  # noqa: E731
+    name = lambda s: type(s).__name__ if isinstance(s, nn.Module) else str(s)
     record = {
-        "pre": name(pre), "post": name(post), "method": method, "params": params, "seed": seed,
-        "include": include, "exclude": exclude, "preset": preset, "formula": "W_pre + F(W_post - W_pre)",
-    }  # fmt: skip
+        "pre": name(pre),
+        "post": name(post),
+        "method": method,
+        "params": params,
+        "seed": seed,
+        "include": include,
+        "exclude": exclude,
+        "preset": preset,
+        "formula": "W_pre + F(W_post - W_pre)",
+    }
     (Path(folder) / "unifieddelta_edit.json").write_text(json.dumps(record, indent=2, default=str) + "\n")

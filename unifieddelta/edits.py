@@ -162,7 +162,7 @@ def uniform_bits(n: int, key: tuple[int, int], offset: int = 0, device: str | to
     out = torch.empty(n, dtype=torch.int32, device=device)
     for start, length, lo, hi in _pieces(offset, n):
         args = _scalars(device, torch.int32, lo, _i32(key[0]), _i32(key[1] + hi))
-        out[start:start + length] = _bits_kernel(out[start:start + length], *args)  # the reference, in torch
+        out[start : start + length] = _bits_kernel(out[start : start + length], *args)  # the reference, in torch
     return out
 
 
@@ -171,8 +171,13 @@ def _scalars(device, dtype, *values) -> list[torch.Tensor]:
     return [torch.tensor(v, dtype=dtype, device=device) for v in values]
 
 
-def dare_mask(shape: tuple[int, ...], p: float, generator: torch.Generator | None = None, offset: int = 0,
-              device: str | torch.device = "cpu") -> torch.Tensor:
+def dare_mask(
+    shape: tuple[int, ...],
+    p: float,
+    generator: torch.Generator | None = None,
+    offset: int = 0,
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
     """DARE's drop mask M = [u < p] (True: dropped) for a tensor of this shape, from the generator's stream."""
     n = math.prod(shape)
     return (uniform_bits(n, stream_key(generator), offset, device) < stream_threshold(p)).reshape(shape)
@@ -214,7 +219,7 @@ def _stream_rescale(delta: torch.Tensor, p: float, keep: float, k: float, genera
     for start, length, lo, hi in _pieces(offset, flat.numel()):
         ints = _scalars(delta.device, torch.int32, lo, _i32(key[0]), _i32(key[1] + hi), stream_threshold(p))
         floats = _scalars(delta.device, work_dtype, keep, k)
-        out[start:start + length] = _dare_kernel(flat[start:start + length], *ints, *floats, k == 0.0)
+        out[start : start + length] = _dare_kernel(flat[start : start + length], *ints, *floats, k == 0.0)
     return out.reshape(delta.shape)
 
 
@@ -271,6 +276,30 @@ def drop_only(
     return _stream_rescale(delta, p, 1.0, 0.0, generator, offset)
 
 
+def _check_bitdelta(bits, scale, magnitudes) -> float:
+    """BitDelta's settings checked; the scale as a finite float."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits < 0:
+        raise InvalidParameterError(f"bits must be an integer >= 0, got {bits!r}")
+    scale = _finite("scale", scale)
+    if scale < 0:
+        raise InvalidParameterError(f"scale must be >= 0, got {scale!r}")
+    if magnitudes not in ("mean", "normal", "uniform"):
+        raise InvalidParameterError(f"magnitudes must be 'mean', 'normal' or 'uniform', got {magnitudes!r}")
+    if magnitudes != "mean" and bits != 0:
+        raise InvalidParameterError(f"magnitudes={magnitudes!r} draws one distribution per tensor: use bits=0")
+    return scale
+
+
+def _random_magnitudes(work: torch.Tensor, mean, magnitudes: str, generator) -> torch.Tensor:
+    """sign(Δ)·m·factor, the factor folded-normal or uniform and divided by its own mean over the moved entries."""
+    noise = _draw(torch.randn if magnitudes == "normal" else torch.rand, work, generator).to(work.dtype)
+    factor = (1.0 + noise).abs_() if magnitudes == "normal" else noise  # >= 0: signs are Δ's
+    moved = work != 0
+    if moved.any():
+        factor /= factor[moved].mean()  # the mean magnitude over the entries that moved is exactly m
+    return work.sign().mul_(mean) * factor
+
+
 def bitdelta(
     delta: torch.Tensor,
     bits: int = 0,
@@ -284,18 +313,11 @@ def bitdelta(
     ``magnitudes="normal"``: magnitudes m·|1 + z|/mean|1 + z|, z ~ N(0, 1), a *folded* normal (a magnitude is ≥ 0:
     it never flips a sign; an unfolded m·(1 + z) would flip about 16% of them); ``"uniform"``: m·u/mean(u),
     u ~ U[0, 1). Both are divided by the draw's own mean (over the entries that moved), so their mean magnitude is
-    m = scale·mean(|Δ|) exactly, as in the single-magnitude BitDelta, and keep Δ's signs (the paper leaves the spread unstated: the relative spread is about 0.69 for the
-    folded normal, 0.58 for the uniform). sign(0) = 0: an entry the post-training left unchanged stays unchanged.
+    m = scale·mean(|Δ|) exactly, as in the single-magnitude BitDelta, and keep Δ's signs (the paper leaves the
+    spread unstated: the relative spread is about 0.69 for the folded normal, 0.58 for the uniform). sign(0) = 0:
+    an entry the post-training left unchanged stays unchanged.
     """
-    if isinstance(bits, bool) or not isinstance(bits, int) or bits < 0:
-        raise InvalidParameterError(f"bits must be an integer >= 0, got {bits!r}")
-    scale = _finite("scale", scale)
-    if scale < 0:
-        raise InvalidParameterError(f"scale must be >= 0, got {scale!r}")
-    if magnitudes not in ("mean", "normal", "uniform"):
-        raise InvalidParameterError(f"magnitudes must be 'mean', 'normal' or 'uniform', got {magnitudes!r}")
-    if magnitudes != "mean" and bits != 0:
-        raise InvalidParameterError(f"magnitudes={magnitudes!r} draws one distribution per tensor: use bits=0")
+    scale = _check_bitdelta(bits, scale, magnitudes)
     if bits == 0 and magnitudes == "mean":  # the paper's BitDelta: one magnitude per tensor, no sort, no copy
         _check_float(delta)
         if delta.numel() == 0:
@@ -305,7 +327,13 @@ def bitdelta(
             return native.sign_scale(delta, scale * (native.abs_sum(delta) / delta.numel()))
         mean = scale * (_abs_sum_kernel(delta).item() / delta.numel())
         return _sign_scale_kernel(delta, torch.tensor(mean, dtype=torch.promote_types(delta.dtype, torch.float32)))
-    if bits and magnitudes == "mean" and bits <= 15 and delta.dtype in (torch.float32, torch.bfloat16) and _native(delta):
+    if (
+        bits
+        and magnitudes == "mean"
+        and bits <= 15
+        and delta.dtype in (torch.float32, torch.bfloat16)
+        and _native(delta)
+    ):
         fast = native.block_means(delta, bits, scale)  # no sort: a radix selection of the block boundaries
         if fast is not None:
             return fast
@@ -314,13 +342,8 @@ def bitdelta(
         return delta.clone()
     mean = scale * (torch.linalg.vector_norm(work, ord=1) / work.numel())
     if magnitudes != "mean":
-        noise = _draw(torch.randn if magnitudes == "normal" else torch.rand, work, generator).to(work.dtype)
-        factor = (1.0 + noise).abs_() if magnitudes == "normal" else noise  # >= 0: signs are Δ's
-        moved = work != 0
-        if moved.any():
-            factor /= factor[moved].mean()  # the mean magnitude over the entries that moved is exactly m
-        return (work.sign().mul_(mean) * factor).to(delta.dtype)
-    sign, mag = work.sign(), torch.abs(work, out=torch.empty_like(work))  # work.abs() allocates ~10x slower (torch 2.13 CPU)
+        return _random_magnitudes(work, mean, magnitudes, generator).to(delta.dtype)
+    sign, mag = work.sign(), torch.abs(work, out=torch.empty_like(work))  # work.abs() allocates ~10x slower
     n = mag.numel()
     blocks = min(2**bits, n)
     values, order = torch.sort(mag.reshape(-1), stable=True)  # stable: ties go to blocks in index order

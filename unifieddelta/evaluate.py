@@ -17,8 +17,16 @@ from .tasks import check_tasks, is_project_task, task_manager
 from .tasks.digits import task_data
 
 
-def evaluate_lm(model, tokenizer, tasks: str | list[str] | None = None, limit: int | None = None, *,
-                num_fewshot: int | dict[str, int] | None = None, batch_size: int = 32, seed: int = 0) -> pd.DataFrame:
+def evaluate_lm(
+    model,
+    tokenizer,
+    tasks: str | list[str] | None = None,
+    limit: int | None = None,
+    *,
+    num_fewshot: int | dict[str, int] | None = None,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> pd.DataFrame:
     """Run lm-eval on the model and tokenizer objects; one row per task, metric and filter.
 
     ``tasks``: the project's tasks (None: all of them) and/or lm-eval's built-in ones (``gsm8k``, ...).
@@ -109,21 +117,37 @@ def _run_group(lm, names: list[str], shots: int | None, manager, limit, seed: in
     import lm_eval
 
     try:
-        out = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit, num_fewshot=shots,
-                                      log_samples=False, random_seed=seed, numpy_random_seed=seed,
-                                      torch_random_seed=seed, fewshot_random_seed=seed, bootstrap_iters=1000)
+        out = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=names,
+            task_manager=manager,
+            limit=limit,
+            num_fewshot=shots,
+            log_samples=False,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+            bootstrap_iters=1000,
+        )
     except (ConnectionError, OSError) as e:  # datasets/huggingface_hub: no network, or not in the local cache
         raise DataUnavailableError(
             f"the data of task(s) {', '.join(names)} could not be loaded ({type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else ''}); lm-eval's built-in tasks download their data from the "
-            "hub on first use: run once with internet access (without HF_DATASETS_OFFLINE) to cache it") from None
+            "hub on first use: run once with internet access (without HF_DATASETS_OFFLINE) to cache it"
+        ) from None
     return out["results"]
 
 
 #: The score a chapter reports for a task: (metric, filter) preferred in this order, the first one present.
-PRIMARY = {"arc_challenge": ("acc_norm", "none"), "hellaswag": ("acc_norm", "none"),
-           "gsm8k": ("exact_match", "strict-match"), "ifeval": ("prompt_level_strict_acc", "none"),
-           "truthfulqa_mc2": ("acc", "none"), "humaneval": ("pass@1", "create_test")}
+PRIMARY = {
+    "arc_challenge": ("acc_norm", "none"),
+    "hellaswag": ("acc_norm", "none"),
+    "gsm8k": ("exact_match", "strict-match"),
+    "ifeval": ("prompt_level_strict_acc", "none"),
+    "truthfulqa_mc2": ("acc", "none"),
+    "humaneval": ("pass@1", "create_test"),
+}
 _FALLBACK = ("exact_match", "acc", "pass@1", "prompt_level_strict_acc")
 
 
@@ -156,8 +180,8 @@ def accuracy(model, images, labels, *, batch_size: int = 256) -> float:
     try:
         correct = 0
         for i in range(0, len(labels), batch_size):
-            logits = model(pixel_values=images[i:i + batch_size].to(model.device)).logits
-            correct += (logits.argmax(-1).cpu() == labels[i:i + batch_size]).sum().item()
+            logits = model(pixel_values=images[i : i + batch_size].to(model.device)).logits
+            correct += (logits.argmax(-1).cpu() == labels[i : i + batch_size]).sum().item()
     finally:
         model.train(was_training)
     return correct / len(labels)
@@ -178,8 +202,12 @@ def embed(model, tokenizer, sentences, *, batch_size: int = 128) -> torch.Tensor
     model.eval()
     try:
         sentences = list(sentences)
-        return torch.cat([sentence_embeddings(model, tokenize_sentences(tokenizer, sentences[i:i + batch_size])).cpu()
-                          for i in range(0, len(sentences), batch_size)])  # fmt: skip
+        return torch.cat(
+            [
+                sentence_embeddings(model, tokenize_sentences(tokenizer, sentences[i : i + batch_size])).cpu()
+                for i in range(0, len(sentences), batch_size)
+            ]
+        )
     finally:
         model.train(was_training)
 
@@ -192,27 +220,39 @@ def retrieval_hits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.cat([sim.argmax(1) == target, sim.argmax(0) == target])
 
 
-def embedding_scores(model, tokenizer, pairs, tasks=EMBEDDING_TASKS, *,
-                     reference: torch.Tensor | None = None) -> list[dict]:  # fmt: skip
+def embedding_scores(
+    model, tokenizer, pairs, tasks=EMBEDDING_TASKS, *, reference: torch.Tensor | None = None
+) -> list[dict]:
     """Scores of an encoder on paraphrase pairs (a, b): ``sre_retrieval`` (acc: the share of the 2n sentences
     whose nearest sentence of the other side is their paraphrase) and ``sre_agreement`` (cosine: the mean cosine
     between its embeddings of the 2n sentences and ``reference``, the post-trained model's, in the order a's, b's)."""
     unknown = sorted(set(tasks) - set(EMBEDDING_TASKS))
     if unknown:
-        raise InvalidParameterError(f"unknown task(s) {', '.join(unknown)} for an embedding pair; known: "
-                                    f"{', '.join(EMBEDDING_TASKS)}")
+        raise InvalidParameterError(
+            f"unknown task(s) {', '.join(unknown)} for an embedding pair; known: {', '.join(EMBEDDING_TASKS)}"
+        )
     if not pairs:
         raise InvalidParameterError("no pairs to score")
     e = embed(model, tokenizer, [a for a, _ in pairs] + [b for _, b in pairs])
     n, rows = len(pairs), []
     if "sre_retrieval" in tasks:
         acc = float(retrieval_hits(e[:n], e[n:]).double().mean())
-        rows.append(dict(task="sre_retrieval", metric="acc", filter="none", value=acc,
-                         stderr=(acc * (1 - acc) / (2 * n)) ** 0.5))
+        rows.append(
+            dict(
+                task="sre_retrieval", metric="acc", filter="none", value=acc, stderr=(acc * (1 - acc) / (2 * n)) ** 0.5
+            )
+        )
     if "sre_agreement" in tasks:
         if reference is None or reference.shape != e.shape:
             raise InvalidParameterError(f"sre_agreement needs the post-trained model's {tuple(e.shape)} embeddings")
         cos = torch.nn.functional.cosine_similarity(e.double(), reference.double(), dim=-1)
-        rows.append(dict(task="sre_agreement", metric="cosine", filter="none", value=float(cos.mean()),
-                         stderr=float(cos.std() / len(cos) ** 0.5)))
+        rows.append(
+            dict(
+                task="sre_agreement",
+                metric="cosine",
+                filter="none",
+                value=float(cos.mean()),
+                stderr=float(cos.std() / len(cos) ** 0.5),
+            )
+        )
     return rows

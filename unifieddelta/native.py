@@ -236,8 +236,16 @@ _pool: tuple[ThreadPoolExecutor, int] | None = None  # (pool, pid of the process
 
 def _flags() -> list[str]:
     # no FMA contraction (torch rounds each operation); no FP traps assumed, so selects vectorize (same values)
-    return ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared",
-            "-std=c11"]
+    return [
+        "-O3",
+        "-march=native",
+        "-ffp-contract=off",
+        "-fno-math-errno",
+        "-fno-trapping-math",
+        "-fPIC",
+        "-shared",
+        "-std=c11",
+    ]
 
 
 def _build() -> ctypes.CDLL:
@@ -252,8 +260,9 @@ def _build() -> ctypes.CDLL:
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             src, so = Path(tmp) / "kernels.c", Path(tmp) / "kernels.so"
             src.write_text(_SOURCE)
-            subprocess.run([compiler, *_flags(), str(src), "-o", str(so), "-lm"], check=True, capture_output=True,
-                           text=True)  # fmt: skip
+            subprocess.run(
+                [compiler, *_flags(), str(src), "-o", str(so), "-lm"], check=True, capture_output=True, text=True
+            )
             os.replace(so, target)  # another process may have won the race: same bytes
     return ctypes.CDLL(str(target))
 
@@ -267,11 +276,16 @@ def library() -> ctypes.CDLL | None:
         try:
             _lib = _build()
         except Exception as e:  # no cc, a read-only cache, an exotic platform: torch does the same math, slower
-            detail = e.stderr.strip().splitlines()[-1] if isinstance(e, subprocess.CalledProcessError) and e.stderr else e
+            detail = (
+                e.stderr.strip().splitlines()[-1] if isinstance(e, subprocess.CalledProcessError) and e.stderr else e
+            )
             _failed.append(f"{type(e).__name__}: {detail}")
-            warnings.warn(f"unifieddelta: the C kernels could not be built ({_failed[0]}); edits run on torch "
-                          "(same results, several times slower). UNIFIEDDELTA_NATIVE=0 skips the attempt.",
-                          RuntimeWarning, stacklevel=3)  # fmt: skip
+            warnings.warn(
+                f"unifieddelta: the C kernels could not be built ({_failed[0]}); edits run on torch "
+                "(same results, several times slower). UNIFIEDDELTA_NATIVE=0 skips the attempt.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
             return None
         _declare(_lib)
     return _lib
@@ -283,9 +297,13 @@ def _declare(lib: ctypes.CDLL) -> None:
         for w in ("float", "double"):
             specs = [(f"dare{z}_{s}_{w}", [p, p, i64, u32, u32, u32, u32, f64, f64], None) for z in (0, 1)]
             specs += [(f"edit{m}_{s}_{w}", [p, p, p, i64, u32, u32, u32, u32, f64, f64], i64) for m in (0, 1, 2)]
-            specs += [(f"signscale_{s}_{w}", [p, p, i64, f64], None), (f"keepabove_{s}_{w}", [p, p, i64, f64], None),
-                      (f"count_{s}_{w}", [p, i64, f64, f64, p], None), (f"gather_{s}_{w}", [p, i64, f64, f64, p], None),
-                      (f"lastties_{s}_{w}", [p, i64, f64, i64, p], i64)]
+            specs += [
+                (f"signscale_{s}_{w}", [p, p, i64, f64], None),
+                (f"keepabove_{s}_{w}", [p, p, i64, f64], None),
+                (f"count_{s}_{w}", [p, i64, f64, f64, p], None),
+                (f"gather_{s}_{w}", [p, i64, f64, f64, p], None),
+                (f"lastties_{s}_{w}", [p, i64, f64, i64, p], i64),
+            ]
             for name, args, res in specs:
                 if hasattr(lib, name):  # getattr caches the function object; lib[name] would not
                     fn = getattr(lib, name)
@@ -293,16 +311,22 @@ def _declare(lib: ctypes.CDLL) -> None:
         fn = getattr(lib, f"abssum_{s}")
         fn.argtypes, fn.restype = [p, i64], f64
         if s != "f64":
-            for name, args, res in ((f"hihist_{s}", [p, i64, p], None), (f"lohist_{s}", [p, i64, p, p], None),
-                                    (f"blocks_{s}", [p, i64, p, p, i64, p, p, p, p, i64], i64), (f"fill_{s}", [p, p, p, i64, p], None)):
+            for name, args, res in (
+                (f"hihist_{s}", [p, i64, p], None),
+                (f"lohist_{s}", [p, i64, p, p], None),
+                (f"blocks_{s}", [p, i64, p, p, i64, p, p, p, p, i64], i64),
+                (f"fill_{s}", [p, p, p, i64, p], None),
+            ):
                 fn = getattr(lib, name)
                 fn.argtypes, fn.restype = args, res
 
 
 def supports(*tensors: torch.Tensor) -> bool:
     """Whether the kernels take these tensors: CPU, contiguous, one of float32/bfloat16/float64, and built."""
-    return (all(t.device.type == "cpu" and t.is_contiguous() and t.dtype in _DTYPES for t in tensors)
-            and library() is not None)  # fmt: skip
+    return (
+        all(t.device.type == "cpu" and t.is_contiguous() and t.dtype in _DTYPES for t in tensors)
+        and library() is not None
+    )
 
 
 def _code(dtype: torch.dtype) -> str:
@@ -359,20 +383,35 @@ def dare(x: torch.Tensor, offset: int, key: tuple[int, int], thr: int, keep: flo
     """edits.dare's entry-wise rescale of a contiguous delta (any shape), from DARE's stream."""
     lib, out = library(), torch.empty_like(x)
     fn = getattr(lib, f"dare{int(k == 0.0)}_{_code(x.dtype)}_{_ctype(x.dtype)}")
-    _stream_parallel(lambda a, b, lo, k0, k1h: fn(_ptr(x, a), _ptr(out, a), b - a, lo, k0, k1h, thr, keep, k),
-                     x.numel(), offset, key)  # fmt: skip
+    _stream_parallel(
+        lambda a, b, lo, k0, k1h: fn(_ptr(x, a), _ptr(out, a), b - a, lo, k0, k1h, thr, keep, k), x.numel(), offset, key
+    )
     return out
 
 
-def edit(pre: torch.Tensor, post: torch.Tensor, compute: torch.dtype, *, offset: int = 0, key=(0, 0), thr: int = 0,
-         keep: float = 1.0, k: float = 0.0, scale_only: bool = False) -> tuple[torch.Tensor, int]:  # fmt: skip
+def edit(
+    pre: torch.Tensor,
+    post: torch.Tensor,
+    compute: torch.dtype,
+    *,
+    offset: int = 0,
+    key=(0, 0),
+    thr: int = 0,
+    keep: float = 1.0,
+    k: float = 0.0,
+    scale_only: bool = False,
+) -> tuple[torch.Tensor, int]:
     """post + (F(Δ) − Δ), Δ = post − pre in ``compute``, rounded once to post's dtype, and the number of
     non-finite deltas. F is DARE's rescale (or Δ·keep with ``scale_only``)."""
     lib, out = library(), torch.empty_like(post)
     mode = 2 if scale_only else int(k == 0.0)
     fn = getattr(lib, f"edit{mode}_{_code(post.dtype)}_{_ctype(compute)}")
-    bad = _stream_parallel(lambda a, b, lo, k0, k1h: fn(_ptr(pre, a), _ptr(post, a), _ptr(out, a), b - a, lo, k0,
-                                                        k1h, thr, keep, k), post.numel(), offset, key)  # fmt: skip
+    bad = _stream_parallel(
+        lambda a, b, lo, k0, k1h: fn(_ptr(pre, a), _ptr(post, a), _ptr(out, a), b - a, lo, k0, k1h, thr, keep, k),
+        post.numel(),
+        offset,
+        key,
+    )
     return out, sum(bad)
 
 
@@ -381,8 +420,11 @@ def abs_sum(x: torch.Tensor) -> float:
     fn = getattr(library(), f"abssum_{_code(x.dtype)}")
     block, n = 1 << 16, x.numel()
     blocks = -(-n // block)
-    parts = _parallel(lambda a, b: [fn(_ptr(x, j * block), min(n, (j + 1) * block) - j * block) for j in range(a, b)],
-                      blocks, min_size=2)  # fmt: skip
+    parts = _parallel(
+        lambda a, b: [fn(_ptr(x, j * block), min(n, (j + 1) * block) - j * block) for j in range(a, b)],
+        blocks,
+        min_size=2,
+    )
     return float(sum(v for chunk in parts for v in chunk))
 
 
@@ -405,7 +447,10 @@ def keep_above(x: torch.Tensor, below: float) -> torch.Tensor:
 def bracket(x: torch.Tensor, lo: float, hi: float) -> tuple[int, torch.Tensor | None]:
     """(#|x| >= hi, the |x| with lo <= |x| < hi in x's compute dtype), or (0, None) if x has a NaN."""
     w = _ctype(x.dtype)
-    count, gather = getattr(library(), f"count_{_code(x.dtype)}_{w}"), getattr(library(), f"gather_{_code(x.dtype)}_{w}")
+    count, gather = (
+        getattr(library(), f"count_{_code(x.dtype)}_{w}"),
+        getattr(library(), f"gather_{_code(x.dtype)}_{w}"),
+    )
     chunks = _chunks(x.numel())
     counts = torch.zeros(len(chunks), 3, dtype=torch.int64)
     _parallel(lambda a, b: count(_ptr(x, a), b - a, lo, hi, counts[chunks.index((a, b))].data_ptr()), x.numel())
@@ -420,8 +465,9 @@ def bracket(x: torch.Tensor, lo: float, hi: float) -> tuple[int, torch.Tensor | 
 def last_ties(x: torch.Tensor, value: float, k: int) -> torch.Tensor:
     """The indices of the last k entries of x (in index order) with |x| == value (compared in x's compute dtype)."""
     idx = torch.empty(k, dtype=torch.int64)
-    found = getattr(library(), f"lastties_{_code(x.dtype)}_{_ctype(x.dtype)}")(x.data_ptr(), x.numel(), value, k,
-                                                                                idx.data_ptr())  # fmt: skip
+    found = getattr(library(), f"lastties_{_code(x.dtype)}_{_ctype(x.dtype)}")(
+        x.data_ptr(), x.numel(), value, k, idx.data_ptr()
+    )
     return idx[:found]
 
 
@@ -432,7 +478,6 @@ def block_means(x: torch.Tensor, bits: int, scale: float) -> torch.Tensor | None
     histogram passes; a third pass gives each entry its block and sums the blocks (in double); entries equal to a
     boundary value are placed in index order (the stable sort's order); a fourth pass writes the output. None when
     x holds Inf or NaN. At most 15 bits (block numbers fit an int16 beside the tie marker)."""
-    import numpy as np
 
     n = x.numel()
     flat = x.reshape(-1)
@@ -460,7 +505,9 @@ def _boundaries(flat: torch.Tensor, ranks: list[int]):
 
     lib, code, n, chunks = library(), _code(flat.dtype), flat.numel(), _chunks(flat.numel())
     hist = torch.zeros(len(chunks), 65536, dtype=torch.int64)
-    _parallel(lambda a, b: getattr(lib, f"hihist_{code}")(_ptr(flat, a), b - a, hist[chunks.index((a, b))].data_ptr()), n)
+    _parallel(
+        lambda a, b: getattr(lib, f"hihist_{code}")(_ptr(flat, a), b - a, hist[chunks.index((a, b))].data_ptr()), n
+    )
     high = hist.sum(0).numpy()
     if high[0x7F80:].any():
         return None
@@ -470,8 +517,12 @@ def _boundaries(flat: torch.Tensor, ranks: list[int]):
     slot = torch.full((65536,), -1, dtype=torch.int16)
     slot[targets] = torch.arange(len(targets), dtype=torch.int16)
     low = torch.zeros(len(chunks), len(targets) * 65536, dtype=torch.int64)
-    _parallel(lambda a, b: getattr(lib, f"lohist_{code}")(_ptr(flat, a), b - a, slot.data_ptr(),
-                                                         low[chunks.index((a, b))].data_ptr()), n)  # fmt: skip
+    _parallel(
+        lambda a, b: getattr(lib, f"lohist_{code}")(
+            _ptr(flat, a), b - a, slot.data_ptr(), low[chunks.index((a, b))].data_ptr()
+        ),
+        n,
+    )
     low = low.sum(0).numpy().reshape(len(targets), 65536)
     keys, below = [], []
     for r, h in zip(ranks, hbin):
@@ -505,8 +556,18 @@ def _assign_blocks(flat: torch.Tensor, v: torch.Tensor, hbin, nblocks: int):
 
     def assign(a, b):
         i = chunks.index((a, b))
-        return fn(_ptr(flat, a), b - a, lut.data_ptr(), table.data_ptr(), size, _ptr(block, a), sums[i].data_ptr(),
-                  counts[i].data_ptr(), tie_index[i].data_ptr(), cap)  # fmt: skip
+        return fn(
+            _ptr(flat, a),
+            b - a,
+            lut.data_ptr(),
+            table.data_ptr(),
+            size,
+            _ptr(block, a),
+            sums[i].data_ptr(),
+            counts[i].data_ptr(),
+            tie_index[i].data_ptr(),
+            cap,
+        )
 
     found = _parallel(assign, n)
     if max(found) <= cap:

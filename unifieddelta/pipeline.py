@@ -105,11 +105,15 @@ def plan(profile: dict, root: Path) -> list[NotebookRun]:
         params = {k: v for k, v in profile["defaults"].items() if k in declared} | given
         if entry.get("reads"):
             if "chapters" not in declared:
-                raise ProfileError(f"profile {profile['name']}: notebook {name!r} has 'reads' but no 'chapters' parameter")
+                raise ProfileError(
+                    f"profile {profile['name']}: notebook {name!r} has 'reads' but no 'chapters' parameter"
+                )
             read = [r.name for r in runs] if entry["reads"] == "all" else list(entry["reads"])
             missing = sorted(set(read) - {r.name for r in runs})
             if missing:
-                raise ProfileError(f"profile {profile['name']}: {name!r} reads {', '.join(missing)}, not listed before it")
+                raise ProfileError(
+                    f"profile {profile['name']}: {name!r} reads {', '.join(missing)}, not listed before it"
+                )
             params["chapters"] = {r.name: r.resolved for r in runs if r.name in read}
         defaults = {k: _literal(v["default"], name, k) for k, v in declared.items()}
         runs.append(NotebookRun(name, source, root / GENERATED / f"{name}.ipynb", params, defaults | params))
@@ -121,8 +125,10 @@ def _literal(text: str, notebook: str, name: str):
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
-        raise ProfileError(f"notebook {notebook!r}: parameter {name} = {text} is not a literal; parameters cells "
-                           "hold literals only (numbers, strings, lists, dicts, None)") from None
+        raise ProfileError(
+            f"notebook {notebook!r}: parameter {name} = {text} is not a literal; parameters cells "
+            "hold literals only (numbers, strings, lists, dicts, None)"
+        ) from None
 
 
 @functools.lru_cache(maxsize=1)
@@ -150,8 +156,12 @@ def execute(run: NotebookRun, *, force: bool = False, cwd: Path | None = None) -
         tmp = cached.with_name(f".{cached.name}.{os.getpid()}.running.ipynb")
         try:
             papermill.execute_notebook(
-                str(run.source), str(tmp), parameters=run.parameters, cwd=str(cwd or run.source.parent),
-                progress_bar=True, kernel_name="python3",
+                str(run.source),
+                str(tmp),
+                parameters=run.parameters,
+                cwd=str(cwd or run.source.parent),
+                progress_bar=True,
+                kernel_name="python3",
             )
             _hide_injected(tmp)
             os.replace(tmp, cached)  # only a notebook that ran to the end enters the cache
@@ -189,8 +199,17 @@ def build_html(root: Path) -> Path:
         built = staging / "_build" / "html" / "_static" / own.relative_to(root / "_static")
         if own.is_file() and built.is_file() and built.read_bytes() != own.read_bytes():
             built.unlink()
-    cmd = [sys.executable, "-c", "from jupyter_book.cli.main import main; main()", "build", str(root), "--path-output", str(staging),
-           "-W", "--keep-going"]
+    cmd = [
+        sys.executable,
+        "-c",
+        "from jupyter_book.cli.main import main; main()",
+        "build",
+        str(root),
+        "--path-output",
+        str(staging),
+        "-W",
+        "--keep-going",
+    ]
     proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
     if proc.returncode != 0:
         log = re.sub(r"\x1b\[[0-9;]*m", "", proc.stdout + proc.stderr).splitlines()
@@ -202,8 +221,9 @@ def build_html(root: Path) -> Path:
     return root / "_build" / "html" / "index.html"
 
 
-def build_book(profile: str = "tiny", only: list[str] | None = None, root: str | os.PathLike | None = None,
-               force: bool = False) -> Path:
+def build_book(
+    profile: str = "tiny", only: list[str] | None = None, root: str | os.PathLike | None = None, force: bool = False
+) -> Path:
     """Execute the profile's notebooks (all, or ``only`` these), then build the book; return index.html."""
     prof = load_profile(profile)
     book_root = Path(root).resolve() if root else find_root()
@@ -211,7 +231,9 @@ def build_book(profile: str = "tiny", only: list[str] | None = None, root: str |
     names = [r.name for r in runs]
     missing = sorted(set(only or []) - set(names))
     if missing:
-        raise ProfileError(f"notebook(s) {', '.join(missing)} not in profile {prof['name']} (it lists: {', '.join(names)})")
+        raise ProfileError(
+            f"notebook(s) {', '.join(missing)} not in profile {prof['name']} (it lists: {', '.join(names)})"
+        )
     for run in runs:
         if only and run.name not in only and not run.output.is_file():
             raise ProfileError(f"notebook {run.name} has not been executed yet; run without --only first")
@@ -244,18 +266,22 @@ def _pair_status(pair) -> str:
 
 #: Parameter counts of the paper's hub models (from their model cards), for estimates before anything is fetched.
 KNOWN_PARAMETERS = {
-    "meta-llama/Meta-Llama-3-8B": 8.03e9, "meta-llama/Meta-Llama-3-8B-Instruct": 8.03e9,
-    "mistralai/Mistral-7B-v0.3": 7.25e9, "mistralai/Mistral-7B-Instruct-v0.3": 7.25e9,
-    "Qwen/Qwen2-7B": 7.62e9, "Qwen/Qwen2-7B-Instruct": 7.62e9,
-    "alignment-handbook/zephyr-7b-sft-full": 7.24e9, "alignment-handbook/zephyr-7b-dpo-full": 7.24e9,
-}  # fmt: skip
+    "meta-llama/Meta-Llama-3-8B": 8.03e9,
+    "meta-llama/Meta-Llama-3-8B-Instruct": 8.03e9,
+    "mistralai/Mistral-7B-v0.3": 7.25e9,
+    "mistralai/Mistral-7B-Instruct-v0.3": 7.25e9,
+    "Qwen/Qwen2-7B": 7.62e9,
+    "Qwen/Qwen2-7B-Instruct": 7.62e9,
+    "alignment-handbook/zephyr-7b-sft-full": 7.24e9,
+    "alignment-handbook/zephyr-7b-dpo-full": 7.24e9,
+}
 #: Loss data whose size the estimate knows: (examples, tokens per example, roughly; a preference triple counts its
 #: chosen and its rejected sequence).
 KNOWN_LOSS_DATA = {
     "hf:openai/gsm8k:main:test": (1319, 250),
     "hf:tatsu-lab/alpaca:train[:1319]": (1319, 200),
     "hf:HuggingFaceH4/ultrafeedback_binarized:test_prefs": (2000, 900),
-}  # fmt: skip
+}
 #: An assumption, not a measurement: a current data-centre GPU sustains about 160 TFLOP/s in bfloat16 on a
 #: transformer's forward and backward passes (400 peak at 40% utilisation).
 ASSUMED_FLOPS = 160e12
@@ -302,24 +328,36 @@ def estimate(chapter) -> dict | None:
     seconds = [trial_term_seconds(t) for t in terms]
     memory = gpu_memory_bytes(size)
     data = sorted({t.pair.loss_data for t in terms if t.pair.loss_data in KNOWN_LOSS_DATA})
-    return {"parameters": size, "memory": memory, "gpus": max(1, math.ceil(memory / GPU_BYTES)),
-            "term_trials": len(terms), "term_seconds": None if None in seconds else sum(seconds),
-            "data": {d: KNOWN_LOSS_DATA[d] for d in data}}
+    return {
+        "parameters": size,
+        "memory": memory,
+        "gpus": max(1, math.ceil(memory / GPU_BYTES)),
+        "term_trials": len(terms),
+        "term_seconds": None if None in seconds else sum(seconds),
+        "data": {d: KNOWN_LOSS_DATA[d] for d in data},
+    }
 
 
 def _estimate_line(e: dict) -> str:
     if e["parameters"] is None:
         return "  estimate: unknown model size (not one of the paper's models); no estimate"
-    line = (f"  estimate (not measured: parameters from the model cards, an assumed {ASSUMED_FLOPS / 1e12:.0f} TFLOP/s): "
-            f"{e['parameters'] / 1e9:.1f}B parameters, GPU memory ≈ {e['memory'] / 2**30:.0f} GiB in bfloat16 for the "
-            "term plus activations")  # fmt: skip
+    line = (
+        f"  estimate (not measured: parameters from the model cards, an assumed {ASSUMED_FLOPS / 1e12:.0f} TFLOP/s): "
+        f"{e['parameters'] / 1e9:.1f}B parameters, GPU memory ≈ {e['memory'] / 2**30:.0f} GiB in bfloat16 for the "
+        "term plus activations"
+    )
     if e["gpus"] > 1:
-        line += (f" (more than one {GPU_BYTES / 1e9:.0f} GB GPU: about {e['gpus']} with device='auto', or one larger "
-                 "GPU)")
+        line += (
+            f" (more than one {GPU_BYTES / 1e9:.0f} GB GPU: about {e['gpus']} with device='auto', or one larger GPU)"
+        )
     if e["term_seconds"] is not None and e["term_trials"]:
-        data = "; ".join(f"{d.removeprefix('hf:')}: up to {n:,} examples of ~{k} tokens" for d, (n, k) in e["data"].items())
-        line += (f"; the term ≈ {e['term_seconds'] / e['term_trials']:.0f} s per trial on average ({data}), "
-                 f"{e['term_trials']} term trial(s) ≈ {e['term_seconds'] / 3600:.1f} GPU-hours; scores: not estimated")
+        data = "; ".join(
+            f"{d.removeprefix('hf:')}: up to {n:,} examples of ~{k} tokens" for d, (n, k) in e["data"].items()
+        )
+        line += (
+            f"; the term ≈ {e['term_seconds'] / e['term_trials']:.0f} s per trial on average ({data}), "
+            f"{e['term_trials']} term trial(s) ≈ {e['term_seconds'] / 3600:.1f} GPU-hours; scores: not estimated"
+        )
     return line
 
 
@@ -353,6 +391,8 @@ def dry_run(profile: str = "tiny", root: str | os.PathLike | None = None, store=
         if cost:
             lines.append(_estimate_line(cost))
     done, total = experiments.stored(every, st)
-    lines.append(f"\ntotal: {total} distinct trial(s), {done} in the store, {total - done} to compute"
-                 + (f"; pairs to build or fetch: {', '.join(pending_pairs)}" if pending_pairs else ""))
+    lines.append(
+        f"\ntotal: {total} distinct trial(s), {done} in the store, {total - done} to compute"
+        + (f"; pairs to build or fetch: {', '.join(pending_pairs)}" if pending_pairs else "")
+    )
     return "\n".join(lines)

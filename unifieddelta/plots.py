@@ -28,10 +28,22 @@ REFERENCE_STYLE = {"pre": dict(color="0.45", ls="--", lw=1.2), "post": dict(colo
 
 def style() -> None:
     """The house style for every figure of the book (called on import)."""
-    sns.set_theme(style="whitegrid", context="notebook", palette=PALETTE, rc={
-        "figure.dpi": 100, "savefig.dpi": 100, "axes.titlesize": 12, "axes.labelsize": 11.5, "legend.fontsize": 11,
-        "legend.title_fontsize": 11, "xtick.labelsize": 10.5, "ytick.labelsize": 10.5, "figure.autolayout": False,
-    })  # fmt: skip
+    sns.set_theme(
+        style="whitegrid",
+        context="notebook",
+        palette=PALETTE,
+        rc={
+            "figure.dpi": 100,
+            "savefig.dpi": 100,
+            "axes.titlesize": 12,
+            "axes.labelsize": 11.5,
+            "legend.fontsize": 11,
+            "legend.title_fontsize": 11,
+            "xtick.labelsize": 10.5,
+            "ytick.labelsize": 10.5,
+            "figure.autolayout": False,
+        },
+    )
 
 
 style()
@@ -60,18 +72,51 @@ def _legend(fig, axes) -> None:
                 handles[label] = h
                 labels.append(label)
     if handles:
-        fig.legend([handles[k] for k in labels], labels, loc="lower center", ncol=min(len(labels), 5),
-                   frameon=False, bbox_to_anchor=(0.5, 0.0))  # fmt: skip
+        fig.legend(
+            [handles[k] for k in labels],
+            labels,
+            loc="lower center",
+            ncol=min(len(labels), 5),
+            frameon=False,
+            bbox_to_anchor=(0.5, 0.0),
+        )
         fig.tight_layout(rect=(0, 0.06 + 0.03 * (len(labels) > 5), 1, 1))
     else:
         fig.tight_layout()
 
 
-def lines(frame: pd.DataFrame, x: str, panels: str, *, hue: str | None = None, y: str = "value",
-          refs: dict[str, pd.Series] | None = None, xlabel: str | None = None, ylabel: str | None = None,
-          logx: bool = False, yscale: str | None = None, cols: int = 2, titles: dict | None = None,
-          order: Sequence | None = None, hue_order: Sequence | None = None, sharey: bool = False,
-          zero: bool = False):  # fmt: skip
+def _mean_line(ax, rows: pd.DataFrame, x: str, y: str, color, label) -> None:
+    """The mean of ``y`` per ``x`` as a line, with a band of ± one standard deviation where there are several."""
+    if rows.empty:
+        return
+    stats = rows.groupby(x)[y].agg(["mean", "std", "count"]).reset_index().sort_values(x)
+    ax.plot(
+        stats[x], stats["mean"], marker="o", ms=3.5, lw=1.6, color=color, label=None if label is None else str(label)
+    )
+    if (stats["count"] > 1).any():
+        sd = stats["std"].fillna(0.0)
+        ax.fill_between(stats[x], stats["mean"] - sd, stats["mean"] + sd, color=color, alpha=0.18, lw=0)
+
+
+def lines(
+    frame: pd.DataFrame,
+    x: str,
+    panels: str,
+    *,
+    hue: str | None = None,
+    y: str = "value",
+    refs: dict[str, pd.Series] | None = None,
+    xlabel: str | None = None,
+    ylabel: str | None = None,
+    logx: bool = False,
+    yscale: str | None = None,
+    cols: int = 2,
+    titles: dict | None = None,
+    order: Sequence | None = None,
+    hue_order: Sequence | None = None,
+    sharey: bool = False,
+    zero: bool = False,
+):
     """One panel per value of ``panels`` (a task, a quantity), ``y`` against ``x``, one line per ``hue`` value:
     the mean over seeds with a band of ± one standard deviation. ``refs``: name ("pre", "post") -> a value per
     panel, drawn as horizontal reference lines; ``zero``: a line at y = 0; ``yscale``: "log", "symlog"."""
@@ -81,15 +126,7 @@ def lines(frame: pd.DataFrame, x: str, panels: str, *, hue: str | None = None, y
     for ax, key in zip(axes, keys):
         part = frame[frame[panels] == key]
         for i, h in enumerate(hues):
-            rows = part if h is None else part[part[hue] == h]
-            if rows.empty:
-                continue
-            stats = rows.groupby(x)[y].agg(["mean", "std", "count"]).reset_index().sort_values(x)
-            color = PALETTE[i % len(PALETTE)]
-            ax.plot(stats[x], stats["mean"], marker="o", ms=3.5, lw=1.6, color=color, label=None if h is None else str(h))
-            if (stats["count"] > 1).any():
-                sd = stats["std"].fillna(0.0)
-                ax.fill_between(stats[x], stats["mean"] - sd, stats["mean"] + sd, color=color, alpha=0.18, lw=0)
+            _mean_line(ax, part if h is None else part[part[hue] == h], x, y, PALETTE[i % len(PALETTE)], h)
         for name, values in (refs or {}).items():
             if key in values.index and np.isfinite(values[key]):
                 ax.axhline(values[key], label=f"{name}-trained model", zorder=0, **REFERENCE_STYLE.get(name, {}))
@@ -104,7 +141,7 @@ def lines(frame: pd.DataFrame, x: str, panels: str, *, hue: str | None = None, y
         elif yscale:
             ax.set_yscale(yscale)
         ax.set_ylabel(ylabel or LABELS.get(str(key), y))
-    for ax in axes[-min(cols, len(axes)):]:
+    for ax in axes[-min(cols, len(axes)) :]:
         ax.set_xlabel(xlabel or x)
     if sharey:
         lo = min(ax.get_ylim()[0] for ax in axes)
@@ -115,14 +152,32 @@ def lines(frame: pd.DataFrame, x: str, panels: str, *, hue: str | None = None, y
     return fig
 
 
-def scatter(frame: pd.DataFrame, x: str, y: str, *, hue: str | None = None, xlabel: str | None = None,
-            ylabel: str | None = None, diagonal: bool = True, symlog: bool = False, ax=None):  # fmt: skip
+def scatter(
+    frame: pd.DataFrame,
+    x: str,
+    y: str,
+    *,
+    hue: str | None = None,
+    xlabel: str | None = None,
+    ylabel: str | None = None,
+    diagonal: bool = True,
+    symlog: bool = False,
+    ax=None,
+):
     """``y`` against ``x`` (two columns), one color per ``hue`` value, with the diagonal y = x."""
-    fig, ax = (plt.subplots(figsize=(5.2, 4.2)) if ax is None else (ax.figure, ax))
+    fig, ax = plt.subplots(figsize=(5.2, 4.2)) if ax is None else (ax.figure, ax)
     groups = frame.groupby(hue, sort=False) if hue else [(None, frame)]
     for i, (h, rows) in enumerate(groups):
-        ax.scatter(rows[x], rows[y], s=22, alpha=0.85, color=PALETTE[i % len(PALETTE)], label=None if h is None else str(h),
-                   edgecolor="white", linewidth=0.4)  # fmt: skip
+        ax.scatter(
+            rows[x],
+            rows[y],
+            s=22,
+            alpha=0.85,
+            color=PALETTE[i % len(PALETTE)],
+            label=None if h is None else str(h),
+            edgecolor="white",
+            linewidth=0.4,
+        )
     if diagonal and len(frame):
         lo = float(np.nanmin([frame[x].min(), frame[y].min()]))
         hi = float(np.nanmax([frame[x].max(), frame[y].max()]))
@@ -139,13 +194,32 @@ def scatter(frame: pd.DataFrame, x: str, y: str, *, hue: str | None = None, xlab
     return fig
 
 
-def boxes(frame: pd.DataFrame, x: str, y: str = "value", *, xlabel: str | None = None, ylabel: str | None = None,
-          order: Sequence | None = None, symlog: bool = True):  # fmt: skip
+def boxes(
+    frame: pd.DataFrame,
+    x: str,
+    y: str = "value",
+    *,
+    xlabel: str | None = None,
+    ylabel: str | None = None,
+    order: Sequence | None = None,
+    symlog: bool = True,
+):
     """Box plots of ``y`` per value of ``x`` (the paper's Figure 3: per-tensor terms per edit)."""
     fig, ax = plt.subplots(figsize=(max(5.0, 1.25 * frame[x].nunique()), 3.8))
     n = len(order) if order is not None else frame[x].nunique()
-    sns.boxplot(frame, x=x, y=y, order=order, hue=x, hue_order=order, palette=PALETTE[:n], legend=False, ax=ax,
-                fliersize=2.5, linewidth=1)  # fmt: skip
+    sns.boxplot(
+        frame,
+        x=x,
+        y=y,
+        order=order,
+        hue=x,
+        hue_order=order,
+        palette=PALETTE[:n],
+        legend=False,
+        ax=ax,
+        fliersize=2.5,
+        linewidth=1,
+    )
     ax.axhline(0.0, color="0.3", lw=0.8, zorder=0)
     if symlog:
         span = float(np.nanmax(np.abs(frame[y]))) if len(frame) else 1.0
@@ -159,23 +233,52 @@ def boxes(frame: pd.DataFrame, x: str, y: str = "value", *, xlabel: str | None =
 
 def hist(frame: pd.DataFrame, x: str, hue: str, *, xlabel: str | None = None, bins: int = 60, ax=None):
     """Density histograms (outlines) of ``x`` per ``hue`` value."""
-    fig, ax = (plt.subplots(figsize=(6.0, 3.8)) if ax is None else (ax.figure, ax))
-    sns.histplot(frame, x=x, hue=hue, stat="density", common_norm=False, element="step", fill=False, bins=bins,
-                 palette=PALETTE[: frame[hue].nunique()], ax=ax)  # fmt: skip
+    fig, ax = plt.subplots(figsize=(6.0, 3.8)) if ax is None else (ax.figure, ax)
+    sns.histplot(
+        frame,
+        x=x,
+        hue=hue,
+        stat="density",
+        common_norm=False,
+        element="step",
+        fill=False,
+        bins=bins,
+        palette=PALETTE[: frame[hue].nunique()],
+        ax=ax,
+    )
     ax.set_xlabel(xlabel or x)
     ax.set_ylabel("density")
     fig.tight_layout()
     return fig
 
 
-def strips(frame: pd.DataFrame, x: str, y: str, hue: str, *, xlabel: str | None = None, logx: bool = True,
-           order: Sequence | None = None):  # fmt: skip
+def strips(
+    frame: pd.DataFrame,
+    x: str,
+    y: str,
+    hue: str,
+    *,
+    xlabel: str | None = None,
+    logx: bool = True,
+    order: Sequence | None = None,
+):
     """A dot per row at ``x``, rows grouped by the category ``y`` and colored by ``hue`` (dodged apart)."""
     cats = [c for c in (order if order is not None else sorted(frame[y].unique())) if c in set(frame[y])]
     hues = list(dict.fromkeys(frame[hue]))
     fig, ax = plt.subplots(figsize=(8.8, 0.36 * len(cats) * max(2, len(hues)) + 1.2))
-    sns.stripplot(frame, x=x, y=y, order=cats, hue=hue, hue_order=hues, palette=PALETTE[: len(hues)], dodge=True,
-                  size=5.5, jitter=0.15, ax=ax)  # fmt: skip
+    sns.stripplot(
+        frame,
+        x=x,
+        y=y,
+        order=cats,
+        hue=hue,
+        hue_order=hues,
+        palette=PALETTE[: len(hues)],
+        dodge=True,
+        size=5.5,
+        jitter=0.15,
+        ax=ax,
+    )
     if logx:
         ax.set_xscale("log")
     ax.set_xlabel(xlabel or x)
@@ -187,8 +290,9 @@ def strips(frame: pd.DataFrame, x: str, y: str, hue: str, *, xlabel: str | None 
     return fig
 
 
-def hists(frame: pd.DataFrame, x: str, hue: str, panels: str, *, xlabel: str | None = None, bins: int = 60,
-          cols: int = 2):  # fmt: skip
+def hists(
+    frame: pd.DataFrame, x: str, hue: str, panels: str, *, xlabel: str | None = None, bins: int = 60, cols: int = 2
+):
     """One panel of :func:`hist` per value of ``panels``, one shared legend."""
     keys = list(dict.fromkeys(frame[panels]))
     fig, axes = _grid(len(keys), cols, width=4.2, height=3.0, sharex=False)
@@ -199,8 +303,16 @@ def hists(frame: pd.DataFrame, x: str, hue: str, panels: str, *, xlabel: str | N
     return fig
 
 
-def scatters(frame: pd.DataFrame, xs: Sequence[str], y: str, *, hue: str | None = None, ylabel: str | None = None,
-             symlog: bool = True, cols: int = 2):  # fmt: skip
+def scatters(
+    frame: pd.DataFrame,
+    xs: Sequence[str],
+    y: str,
+    *,
+    hue: str | None = None,
+    ylabel: str | None = None,
+    symlog: bool = True,
+    cols: int = 2,
+):
     """One panel of ``y`` against each column of ``xs`` (a shared y axis label and one legend)."""
     fig, axes = _grid(len(xs), cols, width=4.8, height=3.6, sharex=False)
     for ax, x in zip(axes, xs):

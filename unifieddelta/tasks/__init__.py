@@ -40,8 +40,10 @@ def check_tasks(tasks: str | list[str] | None) -> list[str]:
         builtin = builtin_tasks()
         for t in others:
             if t not in builtin:
-                raise InvalidParameterError(f"unknown task {t!r}; the project's tasks are: {', '.join(known)}; "
-                                            f"lm-eval's {len(builtin)} built-in tasks are accepted too")
+                raise InvalidParameterError(
+                    f"unknown task {t!r}; the project's tasks are: {', '.join(known)}; "
+                    f"lm-eval's {len(builtin)} built-in tasks are accepted too"
+                )
     return tasks
 
 

@@ -85,8 +85,9 @@ def _upscale(x: torch.Tensor, image_size: int) -> torch.Tensor:
     return F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
 
 
-def task_data(task: str, *, split: str = "test", image_size: int = 16,
-              seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def task_data(
+    task: str, *, split: str = "test", image_size: int = 16, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(pixel_values, labels)`` of a task: the split's digits, transformed, upscaled to ``image_size``."""
     if task not in TRANSFORMS:
         raise InvalidParameterError(f"unknown vision task {task!r}; known: {', '.join(TRANSFORMS)}")
@@ -96,8 +97,9 @@ def task_data(task: str, *, split: str = "test", image_size: int = 16,
     return _upscale(TRANSFORMS[task](x), image_size), y
 
 
-def pretrain_data(pre_task: str, *, split: str = "train", image_size: int = 16,
-                  seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def pretrain_data(
+    pre_task: str, *, split: str = "train", image_size: int = 16, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(pixel_values, labels)`` of a backbone's pre-training task (``PRETRAIN_TASKS``), upscaled."""
     if pre_task not in PRETRAIN_TASKS:
         raise InvalidParameterError(f"unknown pre-training task {pre_task!r}; known: {', '.join(PRETRAIN_TASKS)}")

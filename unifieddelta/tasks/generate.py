@@ -36,8 +36,15 @@ def _add(rng: random.Random) -> list[dict]:
     for a in range(10, 100):
         for b in range(0, 10):
             c = a + b
-            items.append(dict(key=f"add:{a}+{b}", statement=f"{a} + {b} = {c}.", question=f"What is {a} + {b}?",
-                              answer=str(c), wrong=str(c + rng.choice([-10, -1, 1, 10]))))
+            items.append(
+                dict(
+                    key=f"add:{a}+{b}",
+                    statement=f"{a} + {b} = {c}.",
+                    question=f"What is {a} + {b}?",
+                    answer=str(c),
+                    wrong=str(c + rng.choice([-10, -1, 1, 10])),
+                )
+            )
     return items
 
 
@@ -51,8 +58,15 @@ def _max(rng: random.Random) -> list[dict]:
             continue
         seen.add(key)
         m, other = max(a, b), min(a, b)
-        items.append(dict(key=key, statement=f"The larger of {a} and {b} is {m}.",
-                          question=f"Which number is larger, {a} or {b}?", answer=str(m), wrong=str(other)))
+        items.append(
+            dict(
+                key=key,
+                statement=f"The larger of {a} and {b} is {m}.",
+                question=f"Which number is larger, {a} or {b}?",
+                answer=str(m),
+                wrong=str(other),
+            )
+        )
     return items
 
 
@@ -64,12 +78,17 @@ def _word(rng: random.Random) -> list[dict]:
             for a in range(1, 10):
                 for b in range(1, 10):
                     c = a + b
-                    items.append(dict(
-                        key=f"word:{name}:{obj}:{a}:{b}",
-                        statement=f"{name} had {a} {obj} and got {b} more, so {name} had {c} {obj}.",
-                        question=f"{name} has {a} {obj}. {name} gets {b} more. How many {obj} does {name} have now?",
-                        answer=str(c), wrong=str(rng.choice([a, c - 1, c + 1])),
-                    ))
+                    items.append(
+                        dict(
+                            key=f"word:{name}:{obj}:{a}:{b}",
+                            statement=f"{name} had {a} {obj} and got {b} more, so {name} had {c} {obj}.",
+                            question=(
+                                f"{name} has {a} {obj}. {name} gets {b} more. How many {obj} does {name} have now?"
+                            ),
+                            answer=str(c),
+                            wrong=str(rng.choice([a, c - 1, c + 1])),
+                        )
+                    )
     return items
 
 
@@ -78,9 +97,17 @@ def _parity(rng: random.Random) -> list[dict]:
     items = []
     for n in range(0, 1000):
         right, wrong = ("even", "odd") if n % 2 == 0 else ("odd", "even")
-        items.append(dict(key=f"parity:{n}", statement=f"{n} is an {right} number.",
-                          question=f"Is {n} even or odd?", answer=right, wrong=wrong,
-                          choices=["even", "odd"], label=["even", "odd"].index(right)))
+        items.append(
+            dict(
+                key=f"parity:{n}",
+                statement=f"{n} is an {right} number.",
+                question=f"Is {n} even or odd?",
+                answer=right,
+                wrong=wrong,
+                choices=["even", "odd"],
+                label=["even", "odd"].index(right),
+            )
+        )
     return items
 
 
@@ -94,10 +121,17 @@ def _sequence(rng: random.Random) -> list[dict]:
             choices = [nxt, nxt - 1, nxt + 1, nxt + step if step > 1 else nxt + 2]
             rng.shuffle(choices)
             shown = ", ".join(map(str, seq[:4]))
-            items.append(dict(key=f"seq:{start}:{step}", statement=", ".join(map(str, seq)) + ".",
-                              question=f"What comes next: {shown}?", answer=str(nxt),
-                              wrong=str(next(c for c in choices if c != nxt)),
-                              choices=[str(c) for c in choices], label=choices.index(nxt)))
+            items.append(
+                dict(
+                    key=f"seq:{start}:{step}",
+                    statement=", ".join(map(str, seq)) + ".",
+                    question=f"What comes next: {shown}?",
+                    answer=str(nxt),
+                    wrong=str(next(c for c in choices if c != nxt)),
+                    choices=[str(c) for c in choices],
+                    label=choices.index(nxt),
+                )
+            )
     return items
 
 
@@ -111,10 +145,17 @@ def _smallest(rng: random.Random) -> list[dict]:
             continue
         seen.add(key)
         m = min(nums)
-        items.append(dict(key=key, statement=f"The smallest of {nums[0]}, {nums[1]}, {nums[2]} and {nums[3]} is {m}.",
-                          question=f"Which is the smallest: {nums[0]}, {nums[1]}, {nums[2]} or {nums[3]}?",
-                          answer=str(m), wrong=str(sorted(nums)[1]),
-                          choices=[str(n) for n in nums], label=nums.index(m)))
+        items.append(
+            dict(
+                key=key,
+                statement=f"The smallest of {nums[0]}, {nums[1]}, {nums[2]} and {nums[3]} is {m}.",
+                question=f"Which is the smallest: {nums[0]}, {nums[1]}, {nums[2]} or {nums[3]}?",
+                answer=str(m),
+                wrong=str(sorted(nums)[1]),
+                choices=[str(n) for n in nums],
+                label=nums.index(m),
+            )
+        )
     return items
 
 
@@ -149,11 +190,47 @@ def prompt(question: str) -> str:
     return f"Question: {question}\nAnswer:"
 
 
-WORDS = ["cat", "dog", "tree", "house", "river", "stone", "light", "bird", "cloud", "apple", "green", "table",
-         "music", "road", "ship", "window", "garden", "paper", "horse", "winter", "summer", "bread", "chair", "lamp"]
+WORDS = [
+    "cat",
+    "dog",
+    "tree",
+    "house",
+    "river",
+    "stone",
+    "light",
+    "bird",
+    "cloud",
+    "apple",
+    "green",
+    "table",
+    "music",
+    "road",
+    "ship",
+    "window",
+    "garden",
+    "paper",
+    "horse",
+    "winter",
+    "summer",
+    "bread",
+    "chair",
+    "lamp",
+]
 DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
-OPPOSITES = {"hot": "cold", "big": "small", "up": "down", "fast": "slow", "old": "new", "light": "dark",
-             "open": "closed", "early": "late", "wet": "dry", "full": "empty", "high": "low", "long": "short"}
+OPPOSITES = {
+    "hot": "cold",
+    "big": "small",
+    "up": "down",
+    "fast": "slow",
+    "old": "new",
+    "light": "dark",
+    "open": "closed",
+    "early": "late",
+    "wet": "dry",
+    "full": "empty",
+    "high": "low",
+    "long": "short",
+}
 
 
 def general_qa(rng: random.Random, n: int) -> list[str]:
@@ -177,13 +254,17 @@ def general_qa(rng: random.Random, n: int) -> list[str]:
         else:
             nums = [rng.randrange(0, 100) for _ in range(rng.randrange(3, 6))]
             where = "first" if kind == 3 else "last"
-            q, a = f"What is the {where} number in the list {', '.join(map(str, nums))}?", str(nums[0 if kind == 3 else -1])
+            q, a = (
+                f"What is the {where} number in the list {', '.join(map(str, nums))}?",
+                str(nums[0 if kind == 3 else -1]),
+            )
         out.append(f"{prompt(q)} {a}")
     return out
 
 
-def pretraining_texts(n_docs: int, *, seed: int = 0, statements_per_doc: int = 6, n_test: int = 100,
-                      qa_share: float = 0.0) -> list[str]:
+def pretraining_texts(
+    n_docs: int, *, seed: int = 0, statements_per_doc: int = 6, n_test: int = 100, qa_share: float = 0.0
+) -> list[str]:
     """Pre-training documents: runs of training statements of all tasks, mixed, never a test item; a share
     ``qa_share`` of the documents are instead runs of ``general_qa`` pairs, one per line."""
     pools = [[it["statement"] for it in split(t, n_test=n_test, seed=seed)[0]] for t in TASKS]

@@ -33,8 +33,21 @@ VIT = ViTRecipe()
 
 #: The smoke recipes: the same pipeline in seconds (the test suite, and every notebook with ``smoke=True``). Their
 #: models learn little; they exist to run every code path, not to show the paper's phenomena.
-SMOKE_LM = LMRecipe(width=32, layers=2, heads=2, seq_len=64, pre_docs=300, pre_steps=20, pre_batch=8,
-                    sft_examples=120, sft_steps=10, sft_batch=8, dpo_pairs=32, dpo_steps=4, dpo_batch=8)
+SMOKE_LM = LMRecipe(
+    width=32,
+    layers=2,
+    heads=2,
+    seq_len=64,
+    pre_docs=300,
+    pre_steps=20,
+    pre_batch=8,
+    sft_examples=120,
+    sft_steps=10,
+    sft_batch=8,
+    dpo_pairs=32,
+    dpo_steps=4,
+    dpo_batch=8,
+)
 SMOKE_VIT = ViTRecipe(width=16, layers=1, heads=2, pre_steps=10, pre_batch=32, ft_steps=5, ft_batch=32)
 
 
@@ -57,8 +70,7 @@ def with_overrides(recipe: LMRecipe | ViTRecipe, changes: dict) -> LMRecipe | Vi
     out = {}
     for key, value in changes.items():
         if key not in fields:
-            raise InvalidParameterError(
-                f"{type(recipe).__name__} has no field {key!r}; fields: {', '.join(fields)}")
+            raise InvalidParameterError(f"{type(recipe).__name__} has no field {key!r}; fields: {', '.join(fields)}")
         kind = type(getattr(recipe, key))
         try:
             out[key] = kind(value) if not isinstance(value, kind) else value
@@ -104,7 +116,8 @@ def _default_recipe(name: str) -> LMRecipe | ViTRecipe:
             return LM_WIDTHS[int(arg)]
         except (ValueError, KeyError):
             raise InvalidParameterError(
-                f"unknown width {arg!r} in {name!r}; widths: {', '.join(map(str, LM_WIDTHS))}") from None
+                f"unknown width {arg!r} in {name!r}; widths: {', '.join(map(str, LM_WIDTHS))}"
+            ) from None
     if kind == "tiny-vit" and arg in VISION_TASKS:
         return VIT
     raise InvalidParameterError(f"unknown zoo name {name!r}; known: {', '.join(names())}")
@@ -136,17 +149,41 @@ def describe(name: str, *, recipe: LMRecipe | ViTRecipe | None = None) -> dict:
 
         entry = entry_path("vit-task", recipe.key("task", name.partition("/")[2]))
         manifest = read_manifest(entry)
-        return {"name": name, "built": manifest is not None, "pre": entry / "pre", "post": entry / "post",
-                "metrics": (manifest or {}).get("metrics", {}), "recipe": dataclasses.asdict(recipe)}
+        return {
+            "name": name,
+            "built": manifest is not None,
+            "pre": entry / "pre",
+            "post": entry / "post",
+            "metrics": (manifest or {}).get("metrics", {}),
+            "recipe": dataclasses.asdict(recipe),
+        }
     from .store import entry_path
 
     stages = ("sft", "dpo") if name == "tiny-lm-dpo" else ("pre", "sft")
     paths = [entry_path(f"lm-{s}", recipe.key(s)) for s in stages]
     manifests = [read_manifest(p) for p in paths]
-    return {"name": name, "built": all(m is not None for m in manifests), "pre": paths[0], "post": paths[1],
-            "metrics": (manifests[1] or {}).get("metrics", {}), "recipe": dataclasses.asdict(recipe)}
+    return {
+        "name": name,
+        "built": all(m is not None for m in manifests),
+        "pre": paths[0],
+        "post": paths[1],
+        "metrics": (manifests[1] or {}).get("metrics", {}),
+        "recipe": dataclasses.asdict(recipe),
+    }
 
 
-__all__ = ["LMRecipe", "ViTRecipe", "load_pair", "names", "default_names", "recipe_for", "describe",
-           "with_overrides", "split_name", "SMOKE_LM", "SMOKE_VIT",
-           "LM_WIDTHS", "DEFAULT_WIDTH"]
+__all__ = [
+    "LMRecipe",
+    "ViTRecipe",
+    "load_pair",
+    "names",
+    "default_names",
+    "recipe_for",
+    "describe",
+    "with_overrides",
+    "split_name",
+    "SMOKE_LM",
+    "SMOKE_VIT",
+    "LM_WIDTHS",
+    "DEFAULT_WIDTH",
+]

@@ -29,20 +29,35 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL.values()),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL)
 
 
-def llama(*, width: int, layers: int, heads: int, vocab_size: int, kv_heads: int | None = None,
-          intermediate: int | None = None, max_positions: int = 128, tie: bool = False, init_std: float = 0.02,
-          seed: int = 0, attn: str | None = None, **token_ids):
+def llama(
+    *,
+    width: int,
+    layers: int,
+    heads: int,
+    vocab_size: int,
+    kv_heads: int | None = None,
+    intermediate: int | None = None,
+    max_positions: int = 128,
+    tie: bool = False,
+    init_std: float = 0.02,
+    seed: int = 0,
+    attn: str | None = None,
+    **token_ids,
+):
     """A freshly initialised ``LlamaForCausalLM`` (seeded): the one builder of small Llamas, for the zoo, the tests
     and the benchmarks. ``intermediate`` defaults to Llama's ≈ 8/3·width rounded up to a multiple of 8;
     ``token_ids``: ``pad_token_id``, ``eos_token_id``, ``bos_token_id``."""
@@ -50,20 +65,35 @@ def llama(*, width: int, layers: int, heads: int, vocab_size: int, kv_heads: int
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads,
-        num_key_value_heads=kv_heads or heads, intermediate_size=intermediate or int(8 * width / 3 + 7) // 8 * 8,
-        max_position_embeddings=max_positions, tie_word_embeddings=tie, initializer_range=init_std,
-        **({"attn_implementation": attn} if attn else {}), **token_ids,
-    )  # fmt: skip
+        vocab_size=vocab_size,
+        hidden_size=width,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads or heads,
+        intermediate_size=intermediate or int(8 * width / 3 + 7) // 8 * 8,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=tie,
+        initializer_range=init_std,
+        **({"attn_implementation": attn} if attn else {}),
+        **token_ids,
+    )
     return LlamaForCausalLM(config)
 
 
 def new_model(recipe: LMRecipe, tokenizer):
     """A freshly initialised ``LlamaForCausalLM`` of the recipe's width (seeded)."""
-    return llama(width=recipe.width, layers=recipe.layers, heads=recipe.heads, vocab_size=len(tokenizer),
-                 max_positions=2 * recipe.seq_len, init_std=recipe.init_std, seed=recipe.seed,
-                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                 bos_token_id=tokenizer.bos_token_id)
+    return llama(
+        width=recipe.width,
+        layers=recipe.layers,
+        heads=recipe.heads,
+        vocab_size=len(tokenizer),
+        max_positions=2 * recipe.seq_len,
+        init_std=recipe.init_std,
+        seed=recipe.seed,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
 
 
 def _pretrain(recipe: LMRecipe, out: Path, progress: bool) -> dict:
@@ -71,8 +101,9 @@ def _pretrain(recipe: LMRecipe, out: Path, progress: bool) -> dict:
     from transformers import Trainer, TrainingArguments, set_seed
 
     set_seed(recipe.seed)
-    docs = generate.pretraining_texts(recipe.pre_docs, seed=recipe.seed, n_test=recipe.n_test,
-                                      qa_share=recipe.pre_qa_share)
+    docs = generate.pretraining_texts(
+        recipe.pre_docs, seed=recipe.seed, n_test=recipe.n_test, qa_share=recipe.pre_qa_share
+    )
     tokenizer = train_tokenizer(docs, recipe.vocab_size)
     model = new_model(recipe, tokenizer)
     # Concatenate the documents (each closed by EOS) and cut the stream into equal blocks.
@@ -81,18 +112,28 @@ def _pretrain(recipe: LMRecipe, out: Path, progress: bool) -> dict:
     blocks = torch.tensor(stream[: n * recipe.seq_len]).view(n, recipe.seq_len)
     data = [{"input_ids": b, "labels": b} for b in blocks]
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(model=model, train_dataset=data,
-                          args=TrainingArguments(**trainer_args(recipe.seed, tmp, recipe.pre_steps, recipe.pre_batch,
-                                                         recipe.pre_lr, progress, weight_decay=0.01)))
+        trainer = Trainer(
+            model=model,
+            train_dataset=data,
+            args=TrainingArguments(
+                **trainer_args(
+                    recipe.seed, tmp, recipe.pre_steps, recipe.pre_batch, recipe.pre_lr, progress, weight_decay=0.01
+                )
+            ),
+        )
         quiet(trainer, progress).train()
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    return {"train_loss": final_loss(trainer), "parameters": sum(p.numel() for p in model.parameters()),
-            "tokens_seen": recipe.pre_steps * recipe.pre_batch * recipe.seq_len}
+    return {
+        "train_loss": final_loss(trainer),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "tokens_seen": recipe.pre_steps * recipe.pre_batch * recipe.seq_len,
+    }
 
 
 def _sft_collate(tokenizer):
     """Pad a batch of ``{input_ids, prompt_len}``; labels are -100 on the prompt and the padding."""
+
     def collate(batch):
         length = max(len(b["input_ids"]) for b in batch)
         ids = torch.full((len(batch), length), tokenizer.pad_token_id)
@@ -101,9 +142,10 @@ def _sft_collate(tokenizer):
         for i, b in enumerate(batch):
             n = len(b["input_ids"])
             ids[i, :n] = torch.tensor(b["input_ids"])
-            labels[i, b["prompt_len"]:n] = ids[i, b["prompt_len"]:n]
+            labels[i, b["prompt_len"] : n] = ids[i, b["prompt_len"] : n]
             mask[i, :n] = 1
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
     return collate
 
 
@@ -120,9 +162,22 @@ def _sft(recipe: LMRecipe, parent: Path, out: Path, progress: bool) -> dict:
         c = tokenizer(ex["completion"])["input_ids"] + [tokenizer.eos_token_id]
         data.append({"input_ids": p + c, "prompt_len": len(p)})
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(model=model, train_dataset=data, data_collator=_sft_collate(tokenizer),
-                          args=TrainingArguments(**trainer_args(recipe.seed, tmp, recipe.sft_steps, recipe.sft_batch,
-                                                         recipe.sft_lr, progress, remove_unused_columns=False)))
+        trainer = Trainer(
+            model=model,
+            train_dataset=data,
+            data_collator=_sft_collate(tokenizer),
+            args=TrainingArguments(
+                **trainer_args(
+                    recipe.seed,
+                    tmp,
+                    recipe.sft_steps,
+                    recipe.sft_batch,
+                    recipe.sft_lr,
+                    progress,
+                    remove_unused_columns=False,
+                )
+            ),
+        )
         quiet(trainer, progress).train()
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -141,10 +196,14 @@ def _dpo(recipe: LMRecipe, parent: Path, out: Path, progress: bool) -> dict:
     pairs = generate.preference_pairs(recipe.dpo_pairs, seed=recipe.seed, n_test=recipe.n_test)
     logging.getLogger("datasets").setLevel(logging.ERROR)
     with tempfile.TemporaryDirectory() as tmp:
-        args = DPOConfig(**trainer_args(recipe.seed, tmp, recipe.dpo_steps, recipe.dpo_batch, recipe.dpo_lr, progress),
-                         beta=recipe.dpo_beta, max_length=recipe.seq_len)
-        trainer = DPOTrainer(model=model, args=args, processing_class=tokenizer,
-                             train_dataset=datasets.Dataset.from_list(pairs))
+        args = DPOConfig(
+            **trainer_args(recipe.seed, tmp, recipe.dpo_steps, recipe.dpo_batch, recipe.dpo_lr, progress),
+            beta=recipe.dpo_beta,
+            max_length=recipe.seq_len,
+        )
+        trainer = DPOTrainer(
+            model=model, args=args, processing_class=tokenizer, train_dataset=datasets.Dataset.from_list(pairs)
+        )
         quiet(trainer, progress).train()
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -168,8 +227,11 @@ def _heldout_preference(recipe: LMRecipe, parent: Path, model, tokenizer) -> dic
     loss = dpo_loss(reference, triples, tokenizer, beta=recipe.dpo_beta, batch_size=48)
     # Preference accuracy: the chosen answer more likely than the rejected one under the model.
     margin, ref_margin = preference_margins(model, loss), preference_margins(reference, loss)
-    return {"heldout_dpo_loss": float(loss(model)), "heldout_pref_acc": float((margin > 0).float().mean()),
-            "heldout_pref_acc_sft": float((ref_margin > 0).float().mean())}
+    return {
+        "heldout_dpo_loss": float(loss(model)),
+        "heldout_pref_acc": float((margin > 0).float().mean()),
+        "heldout_pref_acc_sft": float((ref_margin > 0).float().mean()),
+    }
 
 
 def build(recipe: LMRecipe, stage: str, *, progress: bool = False) -> Path:

@@ -19,8 +19,11 @@ def _fields(recipe, prefixes: tuple[str, ...], exclude: tuple[str, ...] = ()) ->
     from the value those entries were built with, so adding it does not invalidate them.
     """
     later = getattr(recipe, "_LATER", {})
-    return {k: v for k, v in dataclasses.asdict(recipe).items()
-            if k.startswith(prefixes) and not k.startswith(exclude) and not (k in later and later[k] == v)}
+    return {
+        k: v
+        for k, v in dataclasses.asdict(recipe).items()
+        if k.startswith(prefixes) and not k.startswith(exclude) and not (k in later and later[k] == v)
+    }
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,7 @@ class LMRecipe:
         stages = ("pre", "sft", "dpo")
         if stage not in stages:
             raise ValueError(f"unknown stage {stage!r}")
-        later = stages[stages.index(stage) + 1:]
+        later = stages[stages.index(stage) + 1 :]
         return stable_hash("tiny-lm", stage, DATA_VERSION, _fields(self, ("",), tuple(f"{s}_" for s in later)))
 
 

@@ -33,8 +33,11 @@ def _sha256(path: Path) -> str:
 
 
 def _files(root: Path) -> dict[str, dict]:
-    return {str(p.relative_to(root)): {"size": p.stat().st_size, "sha256": _sha256(p)}
-            for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    return {
+        str(p.relative_to(root)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
 
 
 def read_manifest(path: Path) -> dict | None:
@@ -65,7 +68,13 @@ def build_entry(kind: str, key: str, builder: Callable[[Path], dict], *, info: d
     start = time.perf_counter()
     with atomic_dir(path, overwrite=True) as tmp:
         metrics = builder(tmp) or {}
-        manifest = {"kind": kind, "key": key, "info": info or {}, "metrics": metrics,
-                    "build_seconds": round(time.perf_counter() - start, 2), "files": _files(tmp)}
+        manifest = {
+            "kind": kind,
+            "key": key,
+            "info": info or {},
+            "metrics": metrics,
+            "build_seconds": round(time.perf_counter() - start, 2),
+            "files": _files(tmp),
+        }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True, default=str))
     return path

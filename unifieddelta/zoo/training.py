@@ -8,10 +8,23 @@ import math
 
 def trainer_args(seed: int, out: str, steps: int, batch: int, lr: float, progress: bool, **extra) -> dict:
     """Keyword arguments of ``TrainingArguments`` (or TRL's configs) for one seeded CPU training run."""
-    args = dict(output_dir=out, max_steps=steps, per_device_train_batch_size=batch, learning_rate=lr,
-                lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20), weight_decay=0.0,
-                seed=seed, data_seed=seed, use_cpu=True, report_to="none", save_strategy="no",
-                logging_steps=max(1, steps // 10), disable_tqdm=not progress, dataloader_num_workers=0)
+    args = dict(
+        output_dir=out,
+        max_steps=steps,
+        per_device_train_batch_size=batch,
+        learning_rate=lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, steps // 20),
+        weight_decay=0.0,
+        seed=seed,
+        data_seed=seed,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=max(1, steps // 10),
+        disable_tqdm=not progress,
+        dataloader_num_workers=0,
+    )
     return {**args, **extra}
 
 

@@ -25,21 +25,31 @@ from .recipes import ViTRecipe
 from .store import build_entry
 from .training import final_loss, quiet, trainer_args
 
+
 def new_model(recipe: ViTRecipe):
     """A freshly initialised one-channel ``ViTForImageClassification`` with ten labels (seeded)."""
     from transformers import ViTConfig, ViTForImageClassification
 
     torch.manual_seed(recipe.seed)
-    config = ViTConfig(image_size=recipe.image_size, patch_size=recipe.patch_size, num_channels=1,
-                       hidden_size=recipe.width, num_hidden_layers=recipe.layers,
-                       num_attention_heads=recipe.heads, intermediate_size=4 * recipe.width, num_labels=10,
-                       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                       initializer_range=recipe.init_std)
+    config = ViTConfig(
+        image_size=recipe.image_size,
+        patch_size=recipe.patch_size,
+        num_channels=1,
+        hidden_size=recipe.width,
+        num_hidden_layers=recipe.layers,
+        num_attention_heads=recipe.heads,
+        intermediate_size=4 * recipe.width,
+        num_labels=10,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        initializer_range=recipe.init_std,
+    )
     return ViTForImageClassification(config)
 
 
-def _train(model, recipe: ViTRecipe, xy: tuple[torch.Tensor, torch.Tensor], steps: int, batch: int, lr: float,
-           progress: bool) -> float:
+def _train(
+    model, recipe: ViTRecipe, xy: tuple[torch.Tensor, torch.Tensor], steps: int, batch: int, lr: float, progress: bool
+) -> float:
     """Train ``model`` on images ``xy = (x, y)`` with the ``Trainer``; return the last logged loss."""
     from transformers import Trainer, TrainingArguments, set_seed
 
@@ -74,9 +84,12 @@ def _pretrain(recipe: ViTRecipe, out: Path, progress: bool) -> dict:
     model = new_model(recipe)
     loss = _train(model, recipe, _pretrain_data(recipe), recipe.pre_steps, recipe.pre_batch, recipe.pre_lr, progress)
     model.save_pretrained(out)
-    return {"train_loss": loss, "pretrain_test_accuracy": accuracy(model, *_pretrain_data(recipe, "test")),
-            "digits_test_accuracy": evaluate_vision(model, PRETRAIN_TASK),
-            "parameters": sum(p.numel() for p in model.parameters())}
+    return {
+        "train_loss": loss,
+        "pretrain_test_accuracy": accuracy(model, *_pretrain_data(recipe, "test")),
+        "digits_test_accuracy": evaluate_vision(model, PRETRAIN_TASK),
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
 
 
 def _task_pair(recipe: ViTRecipe, task: str, backbone: Path, out: Path, progress: bool) -> dict:
@@ -98,8 +111,10 @@ def build(recipe: ViTRecipe, task: str, *, progress: bool = False) -> tuple[Path
     if task not in TASKS:
         raise InvalidParameterError(f"unknown vision task {task!r}; known: {', '.join(TASKS)}")
     info = {"recipe": dataclasses.asdict(recipe), "task": task}
-    backbone = build_entry("vit-pre", recipe.key("pre"), lambda out: _pretrain(recipe, out, progress),
-                           info={"recipe": info["recipe"]})
-    entry = build_entry("vit-task", recipe.key("task", task),
-                        lambda out: _task_pair(recipe, task, backbone, out, progress), info=info)
+    backbone = build_entry(
+        "vit-pre", recipe.key("pre"), lambda out: _pretrain(recipe, out, progress), info={"recipe": info["recipe"]}
+    )
+    entry = build_entry(
+        "vit-task", recipe.key("task", task), lambda out: _task_pair(recipe, task, backbone, out, progress), info=info
+    )
     return entry / "pre", entry / "post"
