@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: book test bench venv clean check-book publish pdf
+.PHONY: book test lint format bench venv clean check-book publish pdf
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,8 +20,18 @@ venv: $(STAMP)
 book: $(STAMP)
 	$(BIN)/unifieddelta book $(if $(PROFILE),--profile $(PROFILE))
 
-test: $(STAMP)
+# The linter and the formatter's check first (seconds), then the tests.
+test: lint
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check unifieddelta tests benchmarks
+	$(BIN)/ruff format --check unifieddelta tests benchmarks
+
+# Rewrite the code in the house format (what `make lint` checks).
+format: $(STAMP)
+	$(BIN)/ruff format unifieddelta tests benchmarks
+	$(BIN)/ruff check --fix unifieddelta tests benchmarks
 
 # After `make book`: headless Chromium opens the built index and two chapters (math rendered, images loaded, no
 # traceback). Needs Debian's chromium (`apt-get install chromium`); fails, rather than skips, without it.

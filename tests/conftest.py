@@ -39,12 +39,3 @@ def pair_bf16(tmp_path_factory):
     from helpers import save_pair
 
     return save_pair(tmp_path_factory.mktemp("bf16"), dtype=torch.bfloat16)
-
-
-def needs(available: bool, what: str, *, strict: str = "UNIFIEDDELTA_STRICT"):
-    """A mark that skips a test when ``what`` is missing here, with the reason, unless the environment variable
-    ``strict`` is set: then the test runs and fails. ``.ci/run`` sets UNIFIEDDELTA_STRICT, so the C kernels and the
-    peft cross-checks can never silently skip in CI; ``make check-book`` sets UNIFIEDDELTA_REQUIRE_BROWSER."""
-    if available or os.environ.get(strict):
-        return pytest.mark.skipif(False, reason=what)  # run (and fail on the missing tool, if it is missing)
-    return pytest.mark.skip(reason=f"{what} (set {strict}=1 to fail instead of skipping)")

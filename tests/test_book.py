@@ -10,7 +10,7 @@ from pathlib import Path
 import nbformat
 import pytest
 from browser import chromium, inspect
-from conftest import needs
+from helpers import needs
 
 from unifieddelta import pipeline
 
@@ -46,7 +46,7 @@ def smoke_book(tmp_path_factory):
         shutil.copy(REPO / name, root / name)
     for folder in ("notebooks", "book", "_static"):
         shutil.copytree(REPO / folder, root / folder, ignore=shutil.ignore_patterns("generated", ".ipynb_checkpoints"))
-    runs = pipeline.plan(pipeline.load_profile("smoke"), root)
+    runs = pipeline.notebook_runs(pipeline.load_profile("smoke"), root)
     assert [r.name for r in runs] == CHAPTERS
     for run in runs:
         assert pipeline.execute(run, cwd=root) is True  # a raising cell fails this test (NotebookError)
@@ -54,19 +54,47 @@ def smoke_book(tmp_path_factory):
     return root, index
 
 
+def _source(name: str):
+    return nbformat.read(pipeline.as_ipynb(REPO / "notebooks" / f"{name}.md"), as_version=4)
+
+
 def test_every_notebook_declares_the_conventions():
-    common = {"pair", "pre", "post", "tasks", "limit", "seeds", "device", "dtype", "smoke"}
+    """Every chapter is a MyST Markdown notebook with the common parameters, no outputs, one hidden parameters cell,
+    a hidden setup cell of at most six lines that binds the chapter's plan, and every parameter its plan needs."""
+    import inspect
+
     import papermill
 
+    from unifieddelta import chapters
+
+    common = {"pair", "pre", "post", "tasks", "limit", "seeds", "device", "dtype", "smoke"}
+    assert not list((REPO / "notebooks").glob("*.ipynb")), "notebook sources are kept as MyST Markdown (.md)"
     for name in CHAPTERS:
-        declared = set(papermill.inspect_notebook(str(REPO / "notebooks" / f"{name}.ipynb")))
+        declared = set(papermill.inspect_notebook(str(pipeline.as_ipynb(REPO / "notebooks" / f"{name}.md"))))
         assert common <= declared, (name, common - declared)
-        nb = nbformat.read(REPO / "notebooks" / f"{name}.ipynb", as_version=4)
+        nb = _source(name)
         assert not any(c.get("outputs") for c in nb.cells if c.cell_type == "code"), f"{name}: committed outputs"
         params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
         assert len(params) == 1 and "remove-cell" in params[0].metadata["tags"], name
         setup = next(c for c in nb.cells if c.cell_type == "code" and "parameters" not in c.metadata.get("tags", []))
         assert {"remove-cell", "remove-input"} & set(setup.metadata.get("tags", [])), f"{name}: setup cell shown"
+        lines = [line for line in setup.source.splitlines() if line.strip()]
+        assert len(lines) <= 6, f"{name}: setup cell of {len(lines)} lines"
+        if name in chapters.PLANS:
+            assert f'chapters.bind("{name}", globals())' in setup.source, name
+            needed = set(inspect.signature(chapters.PLANS[name]).parameters) - {"s"}
+            assert needed <= declared, (name, needed - declared)
+        code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+        assert "\ndef " not in "\n" + code, f"{name}: a function defined in the notebook (it belongs in the package)"
+        assert "._" not in code.replace("__", ""), f"{name}: a private name of the package reached from the notebook"
+
+
+def test_binding_a_chapter_names_what_is_missing():
+    from unifieddelta import chapters
+    from unifieddelta.errors import InvalidParameterError
+
+    with pytest.raises(InvalidParameterError, match="ps, methods"):
+        chapters.bind("dare", {"pair": "tiny-lm", "seeds": [0]})
 
 
 def test_smoke_notebooks_execute_and_hide_their_parameters(smoke_book):
@@ -81,7 +109,7 @@ def test_smoke_notebooks_execute_and_hide_their_parameters(smoke_book):
         assert not errors
         html = (root / "_build" / "html" / "book" / "generated" / f"{name}.html").read_text()
         assert "papermill injects" not in html and "smoke = True" not in html  # neither parameters cell shows
-        assert "chapters.plan(" not in html  # nor the setup cell
+        assert "chapters.bind(" not in html  # nor the setup cell
         assert "Traceback" not in html
 
 
@@ -143,36 +171,32 @@ def test_built_book_in_a_browser():
     _check_pages(BUILT)
 
 
-def test_a_chapter_runs_on_a_pair_of_another_architecture(tmp_path):
-    """The DARE chapter pointed at two GPT-2 checkpoints (pre/post): scored on the project's tasks with the pair's
-    own tokenizer."""
-    import papermill
+def test_every_chapter_runs_on_a_pair_of_another_architecture(tmp_path):
+    """Every chapter pointed at two local GPT-2 checkpoints (another architecture than the zoo's Llama), only
+    ``pre``, ``post`` and ``smoke`` set, as a reader re-executes the book on their own pair: no page raises. The DARE
+    chapter scored the pair on the project's tasks with the pair's own tokenizer."""
     from helpers import gpt2_pair
 
-    pre, post = gpt2_pair(tmp_path)
-    out = tmp_path / "dare.ipynb"
-    papermill.execute_notebook(
-        str(REPO / "notebooks" / "dare.ipynb"),
-        str(out),
-        cwd=str(tmp_path),
-        kernel_name="python3",
-        parameters={"pre": str(pre), "post": str(post), "smoke": True},
-        progress_bar=False,
-    )
-    nb = nbformat.read(out, as_version=4)
-    assert not [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
     from unifieddelta import chapters, experiments
     from unifieddelta.tasks import task_names
 
-    params = {k: v["default"] for k, v in papermill.inspect_notebook(str(REPO / "notebooks" / "dare.ipynb")).items()}
-    import ast
-
-    params = {k: ast.literal_eval(v) for k, v in params.items()} | {"pre": str(pre), "post": str(post), "smoke": True}
-    plan = chapters.plan("dare", **params)
-    assert plan.stored() == (len(plan.trials), len(plan.trials))  # the notebook measured them all
-    table = experiments.table(plan.trials)
+    root = tmp_path / "book"
+    root.mkdir()
+    for name in ("_config.yml", "_toc.yml"):
+        shutil.copy(REPO / name, root / name)
+    shutil.copytree(REPO / "notebooks", root / "notebooks")
+    pre, post = gpt2_pair(tmp_path)
+    profile = tmp_path / "mine.yaml"
+    profile.write_text(f'extends: smoke\ndefaults: {{smoke: true, pre: "{pre}", post: "{post}"}}\n')
+    runs = pipeline.notebook_runs(pipeline.load_profile(profile), root)
+    assert [r.name for r in runs] == CHAPTERS
+    for run in runs:
+        assert pipeline.execute(run, cwd=root) is True  # a raising cell fails here, naming the notebook and the cell
+    dare = chapters.bind("dare", next(r for r in runs if r.name == "dare").resolved)
+    assert dare.stored() == (len(dare.trials), len(dare.trials))  # the notebook measured them all
+    table = experiments.table(dare.trials)
     assert set(experiments.scores(table).task) == set(task_names())
-    assert {t.pair.kind for t in plan.trials} == {"lm"} and "pre -> post" in set(table.pair)
+    assert {t.pair.kind for t in dare.trials} == {"lm"} and "pre -> post" in set(table.pair)
 
 
 def test_the_paper_profiles_path_on_local_checkpoints(tmp_path):
@@ -213,7 +237,7 @@ notebooks:
     reads: all
     parameters: {{loss_tasks: ["{other}"]}}
 """)
-    runs = pipeline.plan(pipeline.load_profile(profile), root)
+    runs = pipeline.notebook_runs(pipeline.load_profile(profile), root)
     for run in runs:
         assert pipeline.execute(run, cwd=root) is True
     from unifieddelta import chapters, experiments

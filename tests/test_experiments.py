@@ -116,7 +116,7 @@ def test_measured_values_match_independent_computations(lm, tmp_path):
 
 def test_a_second_run_comes_from_the_store_and_a_grown_grid_computes_only_the_new(lm, tmp_path, monkeypatch):
     measured = []
-    real = experiments._measure
+    real = experiments._measure_trial
     monkeypatch.setattr(experiments, "_measure", lambda s, t, q, st: (measured.append(t.key), real(s, t, q, st)))
     grid = experiments.grid(lm, "dare", {"p": [0.1, 0.5]}, seeds=[0, 1])
     first = experiments.run(grid, store=tmp_path, progress=False)

@@ -6,10 +6,10 @@ import warnings
 
 import pytest
 import torch
-from conftest import needs
+from helpers import needs
 from safetensors.torch import load_file, save_file
 
-from unifieddelta import chapters, deltas, experiments, losses
+from unifieddelta import deltas, experiments, losses, pairs
 from unifieddelta.errors import CheckpointError
 from unifieddelta.tasks import sre
 
@@ -192,4 +192,4 @@ def test_the_real_pair_shares_103_tensors_and_moved_about_one_percent():
     base = sum(float(a[n].double().pow(2).sum()) for n in shared)
     size = math.sqrt(change / base)
     assert 0.005 < size < 0.02  # about 1%
-    assert chapters.relative_size(p) == pytest.approx(size, rel=1e-9)
+    assert pairs.relative_size(p) == pytest.approx(size, rel=1e-9)

@@ -5,8 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import needs
-from helpers import gen, load_tensors
+from helpers import gen, load_tensors, needs
 from safetensors.torch import save_file
 
 from unifieddelta import deltas, edits, native

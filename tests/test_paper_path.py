@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import gpt2_pair
 
-from unifieddelta import chapters, experiments, pipeline
+from unifieddelta import chapters, experiments, kinds, pipeline
 from unifieddelta.errors import InvalidParameterError, ProfileError
 
 ALL = ("term", "loss_change", "second_order", "scores")
@@ -53,7 +53,7 @@ def test_a_dpo_pair_of_checkpoints_takes_the_dpo_loss_on_its_preference_data(gpt
     default = experiments.pair(pre=str(pre), post=str(post), kind="dpo", loss_data=str(data))
     assert default.dpo_beta == experiments.DPO_BETA and default.identity() != p.identity()
     session = experiments.Session(p, "cpu", "float32", False)
-    tok = experiments._tokenizer(session)
+    tok = kinds._tokenizer(session)
     records = [json.loads(line) for line in data.read_text().splitlines()]
     margins, ref_margins = [], []
     for r in records:
@@ -91,13 +91,13 @@ def test_preference_records_in_ultrafeedbacks_chat_shape(gpt2, tmp_path):
 
     tok = AutoTokenizer.from_pretrained(gpt2[1])
     data = _preferences(tmp_path / "chat.jsonl", chat=True)
-    plain = experiments._named_triples(str(data), None, tok)  # no chat template: the prompt field
+    plain = kinds._named_triples(str(data), None, tok)  # no chat template: the prompt field
     assert plain[0] == ("What is 0 + 1?", " 1", " 7 or so")
     tok.chat_template = (
         "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}"
         "{% if add_generation_prompt %}<|assistant|>{% endif %}"
     )
-    templated = experiments._named_triples(str(data), 2, tok)
+    templated = kinds._named_triples(str(data), 2, tok)
     assert templated == [
         ("<|user|>What is 0 + 1?<|assistant|>", " 1", " 7 or so"),
         ("<|user|>What is 1 + 1?<|assistant|>", " 2", " 8 or so"),
@@ -115,7 +115,7 @@ def test_bad_dpo_pairs_and_preference_data_say_what_is_wrong(gpt2, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "q", "chosen": "a"}) + "\n")
     with pytest.raises(InvalidParameterError, match="record 0 needs a preference triple"):
-        experiments._named_triples(str(bad), None, None)
+        kinds._named_triples(str(bad), None, None)
 
 
 def test_loss_data_specs(tmp_path):
@@ -132,9 +132,9 @@ def test_loss_data_specs(tmp_path):
         + json.dumps({"instruction": "Say hi.", "input": "", "output": "hi"})
         + "\n"
     )
-    assert experiments._named_pairs(str(alpaca), None) == [
-        (experiments._question_prompt("Add the numbers.\n2 and 3"), " 5"),
-        (experiments._question_prompt("Say hi."), " hi"),
+    assert kinds._named_pairs(str(alpaca), None) == [
+        (kinds._question_prompt("Add the numbers.\n2 and 3"), " 5"),
+        (kinds._question_prompt("Say hi."), " hi"),
     ]
 
 
@@ -152,9 +152,9 @@ def test_device_auto_places_the_models_with_a_device_map(gpt2, tmp_path):
     class Placed:
         hf_device_map = {"transformer.h.0": 0, "transformer.h.1": 1, "lm_head": "cpu"}
 
-    assert experiments._placement("auto", like=Placed()) == {"device_map": Placed.hf_device_map}
-    assert experiments._placement("balanced") == {"device_map": "balanced"}
-    assert experiments._placement("cuda:0") == {}
+    assert kinds._placement("auto", like=Placed()) == {"device_map": Placed.hf_device_map}
+    assert kinds._placement("balanced") == {"device_map": "balanced"}
+    assert kinds._placement("cuda:0") == {}
 
 
 def test_the_paper_profiles_extend_one_another(tmp_path):
@@ -176,7 +176,7 @@ def test_the_paper_profiles_extend_one_another(tmp_path):
 
 
 def test_the_paper_profile_runs_expo_on_zephyr_and_estimates_its_cost():
-    runs = {r.name: r for r in pipeline.plan(pipeline.load_profile("paper"), pipeline.find_root())}
+    runs = {r.name: r for r in pipeline.notebook_runs(pipeline.load_profile("paper"), pipeline.find_root())}
     expo = chapters.plan("expo", **runs["expo"].resolved)
     dpo = expo.pairs[0]
     assert (dpo.kind, dpo.pre, dpo.post, dpo.dpo_beta) == (

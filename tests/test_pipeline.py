@@ -58,7 +58,7 @@ def test_executes_with_parameters_then_hits_cache(book):
     prof = pipeline.load_profile(
         book.profile("p", [{"name": "square", "parameters": {"x": 7}}], defaults={"label": "b", "unused": 3})
     )
-    (run,) = pipeline.plan(prof, book.root)
+    (run,) = pipeline.notebook_runs(prof, book.root)
     assert run.parameters == {"x": 7, "label": "b"}  # defaults only where the notebook declares them
 
     assert pipeline.execute(run, cwd=book.root) is True
@@ -72,7 +72,7 @@ def test_executes_with_parameters_then_hits_cache(book):
     run.output.unlink()
     assert pipeline.execute(run, cwd=book.root) is False and run.output.is_file()  # restored from the cache
 
-    (changed,) = pipeline.plan(
+    (changed,) = pipeline.notebook_runs(
         pipeline.load_profile(book.profile("q", [{"name": "square", "parameters": {"x": 8}}])), book.root
     )
     assert pipeline.execute(changed, cwd=book.root) is True  # a new parameter value is a new cache entry
@@ -92,7 +92,7 @@ def test_raising_cell_fails_the_book_and_names_the_notebook(book, capsys):
 
 
 def test_raising_cell_raises_notebook_error(book):
-    (run,) = pipeline.plan(pipeline.load_profile(book.profile("bad", [{"name": "broken"}])), book.root)
+    (run,) = pipeline.notebook_runs(pipeline.load_profile(book.profile("bad", [{"name": "broken"}])), book.root)
     with pytest.raises(NotebookError, match="notebook broken"):
         pipeline.execute(run, cwd=book.root)
     assert not run.output.exists()
@@ -120,13 +120,13 @@ def test_undeclared_parameter_is_an_error(book, capsys):
 
 def test_notebook_missing_from_disk_is_an_error(book):
     with pytest.raises(ProfileError, match="'ghost' not found"):
-        pipeline.plan(pipeline.load_profile(book.profile("p", [{"name": "ghost"}])), book.root)
+        pipeline.notebook_runs(pipeline.load_profile(book.profile("p", [{"name": "ghost"}])), book.root)
 
 
 def test_shipped_profiles_match_their_notebooks():
     """Every parameter a shipped profile sets is declared by the repository's notebook."""
     for name in pipeline.shipped_profiles():
-        runs = pipeline.plan(pipeline.load_profile(name), REPO)
+        runs = pipeline.notebook_runs(pipeline.load_profile(name), REPO)
         assert runs, name
 
 
@@ -239,7 +239,7 @@ def test_dry_run_works_offline_for_every_shipped_profile(profile, capsys):
 def test_dry_run_counts_what_the_store_holds(tmp_path, capsys):
     from unifieddelta import chapters, experiments
 
-    runs = {r.name: r for r in pipeline.plan(pipeline.load_profile("smoke"), REPO)}
+    runs = {r.name: r for r in pipeline.notebook_runs(pipeline.load_profile("smoke"), REPO)}
     plan = chapters.plan("dare", **runs["dare"].resolved)
     experiments.run(plan.trials[:2], store=tmp_path, progress=False)
     text = pipeline.dry_run("smoke", root=REPO, store=tmp_path)

@@ -225,14 +225,14 @@ def test_the_pdf_gets_each_table_as_its_formatted_text():
     """A Styler's PDF form: its caption, then its cells as the page formats them, in aligned columns."""
     import pandas as pd
 
-    from unifieddelta import chapters
+    from unifieddelta import page
 
     styler = (
         pd.DataFrame({"a": [1.23456, 22.5], "b": ["x", "yy"]}, index=["r1", "r2"])
         .style.format({"a": "{:+.2f}"})
         .set_caption("A caption")
     )
-    lines = chapters.styler_text(styler).splitlines()
+    lines = page.styler_text(styler).splitlines()
     assert lines[:2] == ["A caption", ""]
     body = lines[2:]
     assert any("+1.23" in ln for ln in body) and any("+22.50" in ln for ln in body)

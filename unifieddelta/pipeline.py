@@ -81,32 +81,26 @@ def find_root(start: str | os.PathLike | None = None) -> Path:
     raise UnifiedDeltaError(f"no book root (_config.yml and _toc.yml) in {here} or above; pass --root")
 
 
-def plan(profile: dict, root: Path) -> list[NotebookRun]:
+def notebook_runs(profile: dict, root: Path) -> list[NotebookRun]:
     """Resolve each notebook of the profile and its parameters: the notebook's own defaults (its parameters cell),
     then the profile's ``defaults`` it declares, then the entry's ``parameters``. An entry with ``reads: [names]``
-    (or ``reads: all``) also gets ``chapters``: each named notebook's resolved parameters (the classification page
-    reads the other chapters' trials), so its cache key changes when theirs do."""
+    (or ``reads: all``) also gets ``chapter_params``: each named notebook's resolved parameters (the classification
+    page reads the other chapters' trials), so its cache key changes when theirs do. A parameter a notebook does
+    not declare raises a ``ProfileError`` naming it (and the closest declared name)."""
     import papermill
 
     runs = []
     for entry in profile["notebooks"]:
         name = entry["name"]
-        source = root / "notebooks" / f"{name}.ipynb"
-        if not source.is_file():
-            raise ProfileError(f"profile {profile['name']}: notebook {name!r} not found at {source}")
-        declared = papermill.inspect_notebook(str(source))
+        source = notebook_source(root, name, profile["name"])
+        declared = papermill.inspect_notebook(str(as_ipynb(source)))
         given = entry.get("parameters") or {}
-        unknown = sorted(set(given) - set(declared))
-        if unknown:
-            raise ProfileError(
-                f"profile {profile['name']}: notebook {name!r} does not declare parameter(s) {', '.join(unknown)}"
-                f" (it declares: {', '.join(declared) or 'none'})"
-            )
+        _check_declared(profile["name"], name, given, declared)
         params = {k: v for k, v in profile["defaults"].items() if k in declared} | given
         if entry.get("reads"):
-            if "chapters" not in declared:
+            if "chapter_params" not in declared:
                 raise ProfileError(
-                    f"profile {profile['name']}: notebook {name!r} has 'reads' but no 'chapters' parameter"
+                    f"profile {profile['name']}: notebook {name!r} has 'reads' but no 'chapter_params' parameter"
                 )
             read = [r.name for r in runs] if entry["reads"] == "all" else list(entry["reads"])
             missing = sorted(set(read) - {r.name for r in runs})
@@ -114,10 +108,54 @@ def plan(profile: dict, root: Path) -> list[NotebookRun]:
                 raise ProfileError(
                     f"profile {profile['name']}: {name!r} reads {', '.join(missing)}, not listed before it"
                 )
-            params["chapters"] = {r.name: r.resolved for r in runs if r.name in read}
+            params["chapter_params"] = {r.name: r.resolved for r in runs if r.name in read}
         defaults = {k: _literal(v["default"], name, k) for k, v in declared.items()}
         runs.append(NotebookRun(name, source, root / GENERATED / f"{name}.ipynb", params, defaults | params))
     return runs
+
+
+def _check_declared(profile: str, notebook: str, given: dict, declared: dict) -> None:
+    """A profile's parameters for a notebook must be parameters the notebook declares: a misspelled one raises,
+    naming it and the closest declared name."""
+    import difflib
+
+    unknown = sorted(set(given) - set(declared))
+    if unknown:
+        hints = [
+            f"{u} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(u, declared, 1)) else u for u in unknown
+        ]
+        raise ProfileError(
+            f"profile {profile}: notebook {notebook!r} does not declare parameter(s) {', '.join(hints)}"
+            f" (it declares: {', '.join(declared) or 'none'})"
+        )
+
+
+def notebook_source(root: Path, name: str, profile: str = "") -> Path:
+    """The source of notebook ``name``: ``notebooks/NAME.md`` (a MyST Markdown notebook, as the book's are kept),
+    or ``notebooks/NAME.ipynb``."""
+    for suffix in (".md", ".ipynb"):
+        if (root / "notebooks" / f"{name}{suffix}").is_file():
+            return root / "notebooks" / f"{name}{suffix}"
+    where = root / "notebooks" / f"{name}.md"
+    raise ProfileError(f"profile {profile}: notebook {name!r} not found at {where} (or .ipynb)")
+
+
+def as_ipynb(source: Path) -> Path:
+    """A MyST Markdown notebook converted to .ipynb for papermill (once per text: cached by its hash); an .ipynb
+    source as it is."""
+    if source.suffix == ".ipynb":
+        return source
+    import jupytext
+    import nbformat
+
+    text = source.read_text()
+    out = cache_dir("sources") / f"{source.stem}-{stable_hash(text)}.ipynb"
+    if not out.is_file():
+        nb = jupytext.reads(text, fmt="md:myst")
+        for i, cell in enumerate(nb.cells):  # stable ids: the same text gives the same notebook, byte for byte
+            cell["id"] = f"{source.stem}-{i}"
+        atomic_write_bytes(out, nbformat.writes(nb).encode())
+    return out
 
 
 def _literal(text: str, notebook: str, name: str):
@@ -139,6 +177,7 @@ def _package_digest() -> str:
 
 
 def cache_key(run: NotebookRun) -> str:
+    """The executed notebook's identity: its source text, its parameters, the package's version and code."""
     return stable_hash(run.source.read_bytes(), run.parameters, __version__, _package_digest())
 
 
@@ -156,7 +195,7 @@ def execute(run: NotebookRun, *, force: bool = False, cwd: Path | None = None) -
         tmp = cached.with_name(f".{cached.name}.{os.getpid()}.running.ipynb")
         try:
             papermill.execute_notebook(
-                str(run.source),
+                str(as_ipynb(run.source)),
                 str(tmp),
                 parameters=run.parameters,
                 cwd=str(cwd or run.source.parent),
@@ -227,7 +266,7 @@ def build_book(
     """Execute the profile's notebooks (all, or ``only`` these), then build the book; return index.html."""
     prof = load_profile(profile)
     book_root = Path(root).resolve() if root else find_root()
-    runs = plan(prof, book_root)
+    runs = notebook_runs(prof, book_root)
     names = [r.name for r in runs]
     missing = sorted(set(only or []) - set(names))
     if missing:
@@ -361,6 +400,37 @@ def _estimate_line(e: dict) -> str:
     return line
 
 
+def profile_estimate(profile: str = "paper", root: str | os.PathLike | None = None):
+    """The cost of a profile on the paper's hub models, not measured: one row per chapter with term trials (trials,
+    term trials, GPU memory in GiB, term GPU-hours), and the profile's totals (parameters, distinct term trials and
+    their GPU-hours, the minutes of one GSM8K term). Used by: own_models."""
+    import pandas as pd
+
+    from . import chapters
+
+    runs = notebook_runs(load_profile(profile), Path(root).resolve() if root else find_root())
+    plans = [(run.name, chapters.bind(run.name, run.resolved)) for run in runs]  # each chapter's trials, once
+    rows, first = [], None
+    for name, chapter in plans:
+        cost = estimate(chapter)
+        if cost and cost.get("parameters") is not None:
+            first = first or cost
+            if cost["term_trials"]:
+                gib, hours = cost["memory"] / 2**30, (cost["term_seconds"] or 0.0) / 3600
+                rows.append([name, len(chapter.trials), cost["term_trials"], gib, hours])
+    columns = ["chapter", "trials", "term trials", "GPU memory (GiB)", "term (GPU-hours)"]
+    distinct = {t for _, chapter in plans for t in chapter.trials if trial_term_seconds(t) is not None}
+    gsm8k, tokens = KNOWN_LOSS_DATA["hf:openai/gsm8k:main:test"]
+    totals = {
+        "parameters": first["parameters"] if first else None,
+        "distinct_terms": len(distinct),
+        "hours": sum(trial_term_seconds(t) for t in distinct) / 3600,
+        "gsm8k": (gsm8k, tokens),
+        "minutes_per_term": term_seconds(first["parameters"], gsm8k, tokens, 5) / 60 if first else math.nan,
+    }
+    return pd.DataFrame(rows, columns=columns), totals
+
+
 def dry_run(profile: str = "tiny", root: str | os.PathLike | None = None, store=None) -> str:
     """What ``build_book`` would do, without executing anything: each notebook with its parameters, the pairs it
     would build or fetch, how many of its trials the store holds and how many it would compute, and for the
@@ -372,13 +442,13 @@ def dry_run(profile: str = "tiny", root: str | os.PathLike | None = None, store=
     st = experiments.Store(store)
     lines = [f"profile {prof['name']}: {len(prof['notebooks'])} notebook(s); store {st.folder}"]
     every, pending_pairs = [], {}
-    for run in plan(prof, book_root):
-        shown = {k: v for k, v in run.resolved.items() if k != "chapters"}
+    for run in notebook_runs(prof, book_root):
+        shown = {k: v for k, v in run.resolved.items() if k != "chapter_params"}
         lines.append(f"\n{run.name}  ({run.source.relative_to(book_root)})")
         lines.append("  parameters: " + ", ".join(f"{k}={v!r}" for k, v in shown.items()))
-        if "chapters" in run.resolved:
-            lines.append(f"  reads the trials of: {', '.join(run.resolved['chapters'])}")
-        chapter = chapters.plan(run.name, **run.resolved)
+        if "chapter_params" in run.resolved:
+            lines.append(f"  reads the trials of: {', '.join(run.resolved['chapter_params'])}")
+        chapter = chapters.bind(run.name, run.resolved)
         for pair in chapter.pairs:
             status = _pair_status(pair)
             lines.append(f"  pair {pair.name}: {status}")

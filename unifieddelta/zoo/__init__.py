@@ -123,6 +123,21 @@ def _default_recipe(name: str) -> LMRecipe | ViTRecipe:
     raise InvalidParameterError(f"unknown zoo name {name!r}; known: {', '.join(names())}")
 
 
+def pair_kind(name: str) -> str:
+    """The pair kind (``kinds.KINDS``) of a zoo name: ``dpo`` for the SFT -> DPO pair, ``vision`` for a ViT pair,
+    ``lm`` otherwise."""
+    base = split_name(name)[0]
+    return "dpo" if base == "tiny-lm-dpo" else "vision" if base.startswith("tiny-vit/") else "lm"
+
+
+def recipe_keys(name: str, recipe: LMRecipe | ViTRecipe) -> list[str]:
+    """The cache keys of the checkpoints a zoo pair is made of: its identity in the experiment store."""
+    base = split_name(name)[0]
+    if base.startswith("tiny-vit/"):
+        return [recipe.key("task", base.partition("/")[2])]
+    return [recipe.key(s) for s in (("sft", "dpo") if base == "tiny-lm-dpo" else ("pre", "sft"))]
+
+
 def load_pair(name: str, *, recipe: LMRecipe | ViTRecipe | None = None, progress: bool = False) -> tuple[Path, Path]:
     """``(pre_dir, post_dir)`` of a zoo pair, trained on first use and then read from the cache.
 
