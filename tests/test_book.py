@@ -27,8 +27,8 @@ CHAPTERS = [
     "expo",
     "minilm",
     "classification",
-    "reproduction",
     "predicts",
+    "reproduction",
     "own_models",
 ]
 BROWSER = needs(

@@ -131,3 +131,23 @@ def test_primary_score_per_task():
     )
     got = primary(scores).set_index("task")["value"].to_dict()
     assert got == {"gsm8k": 0.3, "ud_add": 0.9, "arc_challenge": 0.6}
+
+
+def test_per_question_scores_match_the_summary_and_lm_evals_own_path(monkeypatch):
+    """Each task's per-question scores average to its headline score, and the faster path (each template compiled
+    once, no environment report) gives the very scores lm-eval's own path gives, question for question."""
+    import contextlib
+
+    from unifieddelta import evaluate
+    from unifieddelta.evaluate import evaluate_lm, primary
+
+    model, tok = _tiny_lm()
+    fast, questions = evaluate_lm(model, tok, limit=12, per_question=True)
+    heads = primary(fast).set_index("task")["value"]
+    assert set(questions) == set(task_names())
+    for task, values in questions.items():
+        assert len(values) == 12 and sum(values) / 12 == pytest.approx(heads[task])
+    monkeypatch.setattr(evaluate, "_faster_lm_eval", contextlib.nullcontext)
+    slow, slow_questions = evaluate_lm(model, tok, limit=12, per_question=True)
+    assert slow_questions == questions
+    assert slow.equals(fast)

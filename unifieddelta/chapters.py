@@ -45,6 +45,10 @@ class Plan:
     def stored(self, store=None) -> tuple[int, int]:
         return experiments.stored(self.trials, store)
 
+    def questions(self, store=None):
+        """Each task's score on every question, for the trials' stored scores (``experiments.question_table``)."""
+        return experiments.question_table(self.trials, store=store)
+
 
 @dataclass(frozen=True)
 class Setting:
@@ -214,17 +218,25 @@ def dare_works(s: Setting, *, sft_lrs, widths, seeds, ps) -> list:
 
 
 @_chapter
-def bitdelta(s: Setting, *, seeds, scales, bits, dare_ps) -> list:
-    """BitDelta against DARE; the magnitude as a multiple of the mean (one magnitude, or random normal/uniform
-    magnitudes with that mean, at several seeds); magnitude bits (2^b equal-count blocks)."""
+def bitdelta(s: Setting, *, seeds, scales, bits, dare_ps, scope, ablation_scope) -> list:
+    """BitDelta against DARE, on the tensors ``scope`` selects (``linear``: the linear layers inside the blocks, as
+    BitDelta's authors binarise them); the magnitude as a multiple of the mean (one magnitude, or random
+    normal/uniform magnitudes with that mean, at several seeds); magnitude bits (2^b equal-count blocks). The
+    ablation: one magnitude over ``scales`` and the ``bits`` on the tensors ``ablation_scope`` selects (``all``:
+    embeddings, norms and the head binarised too)."""
     p, m, seeds = s.the_pair(), s.scoring(), s.seeds(seeds)
     trials = experiments.references(p, measure=ALL, **m)
     trials += experiments.grid(p, "dare", {"p": s.shrink(dare_ps)}, seeds, measure=ALL, **m)
     for magnitudes in ("mean", "normal", "uniform"):
         fixed = {"magnitudes": magnitudes}
-        trials += experiments.grid(p, "bitdelta", {"scale": s.shrink(scales)}, seeds, fixed=fixed, measure=ALL, **m)
-    trials += experiments.grid(p, "bitdelta", {"bits": s.shrink(bits)}, measure=ALL, **m)
-    return trials
+        trials += experiments.grid(
+            p, "bitdelta", {"scale": s.shrink(scales)}, seeds, fixed=fixed, measure=ALL, scope=scope, **m
+        )
+    trials += experiments.grid(p, "bitdelta", {"bits": s.shrink(bits)}, measure=ALL, scope=scope, **m)
+    if ablation_scope and ablation_scope != scope:
+        trials += experiments.grid(p, "bitdelta", {"scale": s.shrink(scales)}, measure=ALL, scope=ablation_scope, **m)
+        trials += experiments.grid(p, "bitdelta", {"bits": s.shrink(bits)}, measure=ALL, scope=ablation_scope, **m)
+    return list(dict.fromkeys(trials))
 
 
 @_chapter

@@ -26,7 +26,8 @@ def evaluate_lm(
     num_fewshot: int | dict[str, int] | None = None,
     batch_size: int = 32,
     seed: int = 0,
-) -> pd.DataFrame:
+    per_question: bool = False,
+):
     """Run lm-eval on the model and tokenizer objects; one row per task, metric and filter.
 
     ``tasks``: the project's tasks (None: all of them) and/or lm-eval's built-in ones (``gsm8k``, ...).
@@ -34,7 +35,9 @@ def evaluate_lm(
     built-in one uses its own default. ``limit`` caps the documents per task. Columns: ``task``, ``metric``,
     ``filter``, ``value``, ``stderr`` (NaN where lm-eval gives none). A built-in task whose data cannot be loaded
     (offline, say) raises one ``DataUnavailableError``. lm-eval reseeds the global RNGs; the model's train/eval
-    mode is restored afterwards.
+    mode is restored afterwards. ``per_question=True``: also each task's headline score (``primary``) on every
+    question, in the order of the task's documents — ``(table, {task: [score, ...]})`` —, which is what a paired
+    comparison of two models on the same questions needs.
     """
     names = check_tasks(tasks)
     if limit is not None and limit < 1:
@@ -49,18 +52,26 @@ def evaluate_lm(
 
     bars = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # one "Generating train split" bar per task and call otherwise
-    results = {}
+    results, samples = {}, {}
     try:
         lm = _quiet_hflm()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
         manager = task_manager(names)
-        with _no_request_bars():
+        with _no_request_bars(), _faster_lm_eval():
             for shots, group in groups.items():  # lm-eval takes one few-shot count per call
-                results.update(_run_group(lm, group, shots, manager, limit, seed))
+                out = _run_group(lm, group, shots, manager, limit, seed, per_question)
+                results.update(out["results"])
+                samples.update(out.get("samples") or {})
     finally:
         quiet.setLevel(level)
         if bars:
             datasets.enable_progress_bars()
         model.train(was_training)
+    table = _result_rows(results, names)
+    return (table, per_question_scores(samples, table)) if per_question else table
+
+
+def _result_rows(results: dict, names: list[str]) -> pd.DataFrame:
+    """lm-eval's results as rows (task, metric, filter, value, stderr; NaN where lm-eval gives no stderr)."""
     rows = []
     for task in names:
         res = results[task]
@@ -74,6 +85,15 @@ def evaluate_lm(
     return pd.DataFrame(rows, columns=["task", "metric", "filter", "value", "stderr"])
 
 
+def per_question_scores(samples: dict, table: pd.DataFrame) -> dict[str, list[float]]:
+    """Each task's headline score (``primary(table)``) on every question lm-eval logged, in document order."""
+    out = {}
+    for head in primary(table).itertuples():
+        logged = [x for x in samples.get(head.task, []) if x.get("filter") == head.filter and head.metric in x]
+        out[head.task] = [float(x[head.metric]) for x in sorted(logged, key=lambda x: x["doc_id"])]
+    return out
+
+
 @contextlib.contextmanager
 def _no_request_bars():
     """lm-eval draws a progress bar per task while it builds the requests (no option turns it off)."""
@@ -85,6 +105,24 @@ def _no_request_bars():
         yield
     finally:
         task_module.tqdm = bar
+
+
+@contextlib.contextmanager
+def _faster_lm_eval():
+    """lm-eval compiles each task's Jinja template anew for every document (half the time of an evaluation of a
+    small model) and collects the machine's environment (pip, git) for every call: compile each template once, and
+    skip the environment, which the store records itself. The scores are the same, document for document."""
+    import lm_eval.evaluator as evaluator
+    import lm_eval.utils as utils
+
+    compiled = functools.lru_cache(maxsize=512)(utils.env.from_string)
+    saved = utils.apply_template, evaluator.add_env_info
+    utils.apply_template = lambda template, doc: compiled(template).render(**doc)
+    evaluator.add_env_info = lambda results: None
+    try:
+        yield
+    finally:
+        utils.apply_template, evaluator.add_env_info = saved
 
 
 def _quiet_hflm():
@@ -113,7 +151,7 @@ def fewshot_groups(names: list[str], num_fewshot: int | dict[str, int] | None) -
     return groups
 
 
-def _run_group(lm, names: list[str], shots: int | None, manager, limit, seed: int) -> dict:
+def _run_group(lm, names: list[str], shots: int | None, manager, limit, seed: int, log: bool = False) -> dict:
     import lm_eval
 
     try:
@@ -123,7 +161,7 @@ def _run_group(lm, names: list[str], shots: int | None, manager, limit, seed: in
             task_manager=manager,
             limit=limit,
             num_fewshot=shots,
-            log_samples=False,
+            log_samples=log,
             random_seed=seed,
             numpy_random_seed=seed,
             torch_random_seed=seed,
@@ -136,7 +174,7 @@ def _run_group(lm, names: list[str], shots: int | None, manager, limit, seed: in
             f"{str(e).splitlines()[0] if str(e) else ''}); lm-eval's built-in tasks download their data from the "
             "hub on first use: run once with internet access (without HF_DATASETS_OFFLINE) to cache it"
         ) from None
-    return out["results"]
+    return out
 
 
 #: The score a chapter reports for a task: (metric, filter) preferred in this order, the first one present.
@@ -172,19 +210,24 @@ def evaluate_vision(model, task: str, *, split: str = "test", batch_size: int = 
     return accuracy(model, images, labels, batch_size=batch_size)
 
 
-@torch.no_grad()
 def accuracy(model, images, labels, *, batch_size: int = 256) -> float:
     """Share of ``images`` an image classifier labels as ``labels`` (in eval mode, batched, no gradients)."""
+    return float(correct(model, images, labels, batch_size=batch_size).double().mean())
+
+
+@torch.no_grad()
+def correct(model, images, labels, *, batch_size: int = 256) -> torch.Tensor:
+    """For each of ``images``: does the classifier label it as ``labels`` says (in eval mode, batched)."""
     was_training = model.training
     model.eval()
     try:
-        correct = 0
+        hits = []
         for i in range(0, len(labels), batch_size):
             logits = model(pixel_values=images[i : i + batch_size].to(model.device)).logits
-            correct += (logits.argmax(-1).cpu() == labels[i : i + batch_size]).sum().item()
+            hits.append(logits.argmax(-1).cpu() == labels[i : i + batch_size])
     finally:
         model.train(was_training)
-    return correct / len(labels)
+    return torch.cat(hits)
 
 
 # ---------------------------------------------------------------------------------------------- sentence embeddings
@@ -221,11 +264,12 @@ def retrieval_hits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def embedding_scores(
-    model, tokenizer, pairs, tasks=EMBEDDING_TASKS, *, reference: torch.Tensor | None = None
-) -> list[dict]:
+    model, tokenizer, pairs, tasks=EMBEDDING_TASKS, *, reference: torch.Tensor | None = None, per_question=False
+):
     """Scores of an encoder on paraphrase pairs (a, b): ``sre_retrieval`` (acc: the share of the 2n sentences
     whose nearest sentence of the other side is their paraphrase) and ``sre_agreement`` (cosine: the mean cosine
-    between its embeddings of the 2n sentences and ``reference``, the post-trained model's, in the order a's, b's)."""
+    between its embeddings of the 2n sentences and ``reference``, the post-trained model's, in the order a's, b's).
+    ``per_question=True``: also each score on every one of the 2n sentences, ``(rows, {task: [...]})``."""
     unknown = sorted(set(tasks) - set(EMBEDDING_TASKS))
     if unknown:
         raise InvalidParameterError(
@@ -234,25 +278,18 @@ def embedding_scores(
     if not pairs:
         raise InvalidParameterError("no pairs to score")
     e = embed(model, tokenizer, [a for a, _ in pairs] + [b for _, b in pairs])
-    n, rows = len(pairs), []
+    n, rows, items = len(pairs), [], {}
     if "sre_retrieval" in tasks:
-        acc = float(retrieval_hits(e[:n], e[n:]).double().mean())
-        rows.append(
-            dict(
-                task="sre_retrieval", metric="acc", filter="none", value=acc, stderr=(acc * (1 - acc) / (2 * n)) ** 0.5
-            )
-        )
+        hits = retrieval_hits(e[:n], e[n:]).double()
+        acc = float(hits.mean())
+        stderr = (acc * (1 - acc) / (2 * n)) ** 0.5
+        rows.append(dict(task="sre_retrieval", metric="acc", filter="none", value=acc, stderr=stderr))
+        items["sre_retrieval"] = hits.tolist()
     if "sre_agreement" in tasks:
         if reference is None or reference.shape != e.shape:
             raise InvalidParameterError(f"sre_agreement needs the post-trained model's {tuple(e.shape)} embeddings")
         cos = torch.nn.functional.cosine_similarity(e.double(), reference.double(), dim=-1)
-        rows.append(
-            dict(
-                task="sre_agreement",
-                metric="cosine",
-                filter="none",
-                value=float(cos.mean()),
-                stderr=float(cos.std() / len(cos) ** 0.5),
-            )
-        )
-    return rows
+        stderr = float(cos.std() / len(cos) ** 0.5)
+        rows.append(dict(task="sre_agreement", metric="cosine", filter="none", value=float(cos.mean()), stderr=stderr))
+        items["sre_agreement"] = cos.tolist()
+    return (rows, items) if per_question else rows

@@ -32,20 +32,23 @@ import socket
 import time
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
 
 from . import approx, deltas, edits, losses
-from .cache import atomic_write_bytes, cache_dir, stable_hash
+from . import pairs as _pairs
+from .cache import stable_hash
 from .errors import InvalidParameterError
 from .kinds import KINDS
-from .pairs import Pair, pair  # noqa: F401 - the engine's way in: experiments.pair(...), grid(...), run(...)
+from .pairs import Pair
+from .records import COLUMNS, Store, integrand, question_table, scores, stored, table  # noqa: F401 - its results
 
 #: Bump when a change of the code alters stored numbers for the same inputs (a fixed bug in a loss, say): every
 #: stored record is then recomputed. An edit whose output changes bumps its own ``EditSpec.version`` instead.
 STORE_VERSION = 1
+#: 2: a scores record keeps each task's headline score on every question (for paired intervals).
+SCORES_FORMAT = 2
 QUANTITIES = ("term", "loss_change", "second_order", "scores", "d_norm")
 MEASURES = ("term", "loss_change", "second_order", "scores")  # what a caller asks for; d_norm comes with any
 
@@ -80,6 +83,7 @@ class Trial:
     loss_examples: int | None = None  # None: the kind's default
     device: str = "cpu"
     dtype: str = "float32"
+    scope: str = "all"  # which tensors the edit touches: a preset of deltas.PRESETS (linear: inside the blocks)
 
     @property
     def params(self) -> dict:
@@ -90,7 +94,8 @@ class Trial:
         """``dare(p=0.5)``: the method and the settings that differ from its defaults (the columns hold them all)."""
         defaults = edits.with_defaults(self.method, {})
         shown = {k: v for k, v in self.params.items() if k not in defaults or defaults[k] != v}
-        return self.method + "(" + ", ".join(f"{k}={v}" for k, v in shown.items()) + ")"
+        scope = "" if self.scope == "all" else f" [{self.scope}]"
+        return self.method + "(" + ", ".join(f"{k}={v}" for k, v in shown.items()) + ")" + scope
 
     @cached_property
     def key(self) -> str:
@@ -106,6 +111,7 @@ class Trial:
             self.seed,
             edits.spec(self.method).version,
             grad,
+            *(() if self.scope == "all" else (self.scope,)),  # the default scope keeps the keys it always had
         )
 
     def record_key(self, quantity: str) -> str:
@@ -120,6 +126,7 @@ class Trial:
             return {"loss": loss}
         if quantity == "scores":
             return {
+                "format": SCORES_FORMAT,
                 "tasks": list(self.tasks or self.pair.default_tasks),
                 "limit": self.limit,
                 "fewshot": [list(f) for f in self.fewshot] if self.fewshot else None,
@@ -154,6 +161,8 @@ def trial(pair: Pair, method: str, params: dict | None = None, seed: int = 0, **
     else:
         m.pop("fewshot", None)
     approx.quadrature(m.get("points", 5), m.get("rule", "left"))  # raises on a bad rule or number of points
+    if m.get("scope", "all") not in deltas.PRESETS:
+        raise InvalidParameterError(f"unknown scope {m['scope']!r}; expected one of {', '.join(deltas.PRESETS)}")
     if m.get("mode", "grad") not in approx.MODES:
         raise InvalidParameterError(f"unknown mode {m['mode']!r}; expected one of {', '.join(approx.MODES)}")
     return Trial(pair, method, json.dumps(full, sort_keys=True), int(seed), **m)
@@ -215,44 +224,6 @@ def _versions() -> dict:
 
 
 _VERSIONS: dict | None = None
-
-
-# ---------------------------------------------------------------------------------------------- the store
-
-
-class Store:
-    """A folder of records, one JSON file per measured quantity of a trial, written atomically."""
-
-    def __init__(self, folder: str | os.PathLike | None = None):
-        self.folder = Path(folder).expanduser() if folder else cache_dir("store")  # created on the first record
-
-    def path(self, key: str) -> Path:
-        return self.folder / key[:2] / f"{key}.json"
-
-    def has(self, key: str) -> bool:
-        return self.get(key) is not None
-
-    def get(self, key: str) -> dict | None:
-        """The record, or None if it is absent or unreadable (a corrupt file is measured again)."""
-        try:
-            record = json.loads(self.path(key).read_text())
-        except (OSError, ValueError):
-            return None
-        return record if isinstance(record, dict) and "result" in record else None
-
-    def put(self, key: str, record: dict) -> None:
-        atomic_write_bytes(self.path(key), json.dumps(record, sort_keys=True, default=str).encode())
-
-    def keys(self) -> list[str]:
-        return sorted(p.stem for p in self.folder.glob("*/*.json")) if self.folder.is_dir() else []
-
-
-def stored(trials: Iterable[Trial], store: Store | str | None = None) -> tuple[int, int]:
-    """(trials whose every record is stored, all trials): what a run would take from the store."""
-    st = store if isinstance(store, Store) else Store(store)
-    trials = list(dict.fromkeys(trials))
-    done = sum(all(st.has(t.record_key(q)) for q in t.quantities) for t in trials)
-    return done, len(trials)
 
 
 # ---------------------------------------------------------------------------------------------- running
@@ -356,7 +327,7 @@ def _measure_trial(session: Session, t: Trial, quantities: list[str], st: Store)
     model = session.post
     start = time.perf_counter()
     grad = session.gradient(t.loss_examples) if edits.spec(t.method).needs_grad else None
-    d = deltas.direction(session.pre, model, t.method, seed=t.seed, grad=grad, **t.params)
+    d = deltas.direction(session.pre, model, t.method, seed=t.seed, grad=grad, preset=t.scope, **t.params)
     d_seconds = time.perf_counter() - start
     for q in quantities:
         start = time.perf_counter()
@@ -415,12 +386,11 @@ def _scores(session, t, d) -> dict:
         for name, x in d.items():
             edited.get_parameter(name).add_(x)  # W_post + D: where loss_change evaluates L
     try:
-        rows = session.kind.scores(
-            session, edited, list(t.tasks or t.pair.default_tasks), t.limit, dict(t.fewshot) if t.fewshot else None
-        )
+        tasks, fewshot = list(t.tasks or t.pair.default_tasks), dict(t.fewshot) if t.fewshot else None
+        rows, questions = session.kind.scores(session, edited, tasks, t.limit, fewshot)
     finally:
         del edited
-    return {"rows": rows}
+    return {"rows": rows, "questions": questions}
 
 
 def _d_norm(session, t, d) -> dict:
@@ -443,131 +413,6 @@ _QUANTITY = {
 }
 
 
-# ---------------------------------------------------------------------------------------------- the tidy table
-
-COLUMNS = [
-    "pair",
-    "method",
-    "edit",
-    "seed",
-    "quantity",
-    "task",
-    "metric",
-    "filter",
-    "primary",
-    "value",
-    "stderr",
-    "tensor",
-    "rule",
-    "points",
-    "mode",
-    "seconds",
-    "trial",
-]
-
-
-def table(trials: Iterable[Trial], *, store: Store | str | None = None, per_tensor: bool = False):
-    """The stored records of the trials as one tidy table: one row per trial and quantity (per task and metric
-    for scores, per tensor for ``tensor_term`` when ``per_tensor``), each setting of the edits in its own column.
-
-    Quantities: ``term``, ``first_order`` (⟨∇L(W_post), D⟩, when t = 0 is a node), ``loss`` (L(W_post), likewise),
-    ``loss_change``, ``second_order``, ``score`` (task, metric), ``d_norm``, ``delta_norm``, ``tensor_term``.
-    Trials not (yet) in the store are left out.
-    """
-    import pandas as pd
-
-    st = store if isinstance(store, Store) else Store(store)
-    rows, settings = [], {}
-    for t in dict.fromkeys(trials):
-        base = {"pair": t.pair.name, "method": t.method, "edit": t.label, "seed": t.seed, "trial": t.key}
-        for k, v in t.params.items():
-            settings.setdefault(k, None)
-            base[k] = v
-        for q in t.quantities:
-            record = st.get(t.record_key(q))
-            if record is not None:
-                rows += _rows(q, record, base, t, per_tensor)
-    frame = pd.DataFrame(rows)
-    for column in COLUMNS + list(settings):
-        if column not in frame:
-            frame[column] = None
-    return frame[COLUMNS[:3] + list(settings) + COLUMNS[3:]]
-
-
-def _rows(q: str, record: dict, base: dict, t: Trial, per_tensor: bool) -> list[dict]:
-    r, seconds = record["result"], record["seconds"]
-    if q == "term":
-        term = dict(base, quantity="term", value=r["term"], rule=t.rule, points=t.points, mode=t.mode, seconds=seconds)
-        out = [term]
-        if r["nodes"] and r["nodes"][0] == 0.0:
-            out.append(dict(base, quantity="first_order", value=r["values"][0], seconds=seconds / len(r["nodes"])))
-            out.append(dict(base, quantity="loss", value=r["losses"][0]))
-        if per_tensor:
-            out += [
-                dict(base, quantity="tensor_term", tensor=n, value=v, rule=t.rule, points=t.points, mode=t.mode)
-                for n, v in r["per_tensor"].items()
-            ]
-        return out
-    if q in ("loss_change", "second_order"):
-        return [dict(base, quantity=q, value=r["value"], seconds=seconds)]
-    if q == "scores":
-        import pandas as pd
-
-        from .evaluate import primary
-
-        rows = pd.DataFrame(r["rows"], columns=["task", "metric", "filter", "value", "stderr"])
-        heads = {(h.task, h.metric, h.filter) for h in primary(rows).itertuples()}
-        return [
-            dict(
-                base,
-                quantity="score",
-                seconds=seconds,
-                primary=(row["task"], row["metric"], row["filter"]) in heads,
-                **row,
-            )
-            for row in r["rows"]
-        ]
-    return [
-        dict(base, quantity="d_norm", value=r["d_norm"], seconds=seconds),
-        dict(base, quantity="delta_norm", value=r["delta_norm"]),
-    ]
-
-
-def integrand(trials: Iterable[Trial], *, store: Store | str | None = None):
-    """The integrand f(t) = ⟨∇L(W_post + tD), D⟩ and the loss L(W_post + tD) at every node of the stored term
-    records: one row per trial and node (pair, edit, seed, rule, points, mode, t, weight, f, loss)."""
-    import pandas as pd
-
-    st = store if isinstance(store, Store) else Store(store)
-    rows = []
-    for t in dict.fromkeys(trials):
-        if "term" not in t.measure or (record := st.get(t.record_key("term"))) is None:
-            continue
-        r = record["result"]
-        for node, weight, f, loss in zip(r["nodes"], r["weights"], r["values"], r["losses"]):
-            rows.append(
-                {
-                    "pair": t.pair.name,
-                    "edit": t.label,
-                    "seed": t.seed,
-                    "rule": t.rule,
-                    "points": t.points,
-                    "mode": t.mode,
-                    "t": node,
-                    "weight": weight,
-                    "f": f,
-                    "loss": loss,
-                }
-            )
-    return pd.DataFrame(rows, columns=["pair", "edit", "seed", "rule", "points", "mode", "t", "weight", "f", "loss"])
-
-
-def scores(frame, *, primary: bool = True):
-    """The score rows of a table: each task's headline metric only (``evaluate.PRIMARY``) unless ``primary=False``."""
-    rows = frame[frame.quantity == "score"]
-    return rows[rows["primary"] == True] if primary else rows  # noqa: E712 - a column of True/False/None
-
-
 def first_order_scale(pair: Pair, device: str = "cpu", dtype: str = "float32") -> float:
     """√Σ(ΔW_ij ∇_ij L)² at W_post on the pair's loss: DARE's first-order term ⟨∇L, D⟩ over masks has mean 0 and
     standard deviation √(p/(1−p)) times this (the k-family: times |1 − k| more). Used by: dare_works."""
@@ -577,23 +422,19 @@ def first_order_scale(pair: Pair, device: str = "cpu", dtype: str = "float32") -
     return math.sqrt(sum(float((d * grad[name].double()).pow(2).sum()) for name, d in parts))
 
 
-__all__ = [
-    "Pair",
-    "pair",
-    "Session",
-    "Trial",
-    "trial",
-    "grid",
-    "references",
-    "Store",
-    "stored",
-    "run",
-    "table",
-    "scores",
-    "integrand",
-    "parse_shard",
-    "first_order_scale",
-    "QUANTITIES",
-    "MEASURES",
-    "STORE_VERSION",
-]
+def negative_shares(pair: Pair, device: str = "cpu", dtype: str = "float32") -> tuple[float, float]:
+    """(the share of the delta's entries that are negative, the share of the products ΔW_ij·∇_ij L(W_post) that
+    are): the p that Table 1's sign-biased and product-biased edits reweight, over the whole model. Used by:
+    randomness."""
+    session = Session(pair, device, dtype, False)
+    grad = session.gradient(None)
+    negative = products = total = 0
+    for name, d in deltas.iter_deltas(session.pre, session.post):
+        negative += int((d < 0).sum())
+        products += int((d * grad[name].double() < 0).sum())
+        total += d.numel()
+    return negative / total, products / total
+
+
+#: The engine's way in: ``experiments.pair(...)``, then ``grid(...)`` and ``run(...)``.
+pair = _pairs.pair

@@ -45,8 +45,9 @@ class Measuring(Protocol):
 Loader = Callable[..., nn.Module]
 #: (session, examples) -> the loss at W_post on held-out data (``examples``: how many; None: the kind's default)
 LossMaker = Callable[[Measuring, "int | None"], losses.BatchLoss]
-#: (session, edited model, tasks, limit, fewshot) -> rows {task, metric, filter, value, stderr}
-Scorer = Callable[[Measuring, nn.Module, list, "int | None", "dict | None"], list]
+#: (session, edited model, tasks, limit, fewshot) -> (rows {task, metric, filter, value, stderr}, each task's
+#: headline score on every question {task: [score, ...]}, in the order of the task's questions)
+Scorer = Callable[[Measuring, nn.Module, list, "int | None", "dict | None"], tuple]
 
 
 @dataclass(frozen=True)
@@ -254,8 +255,9 @@ def _lm_loss(session, examples):
 def _lm_scores(session, model, tasks, limit, fewshot=None):
     from .evaluate import evaluate_lm
 
-    table = evaluate_lm(model, _tokenizer(session), tasks=tasks, limit=limit, num_fewshot=fewshot)
-    return table.to_dict("records")
+    tok = _tokenizer(session)
+    table, questions = evaluate_lm(model, tok, tasks=tasks, limit=limit, num_fewshot=fewshot, per_question=True)
+    return table.to_dict("records"), questions
 
 
 def _lm_tasks(pair):
@@ -291,19 +293,13 @@ def _dpo_loss(session, examples):
 
 def _dpo_scores(session, model, tasks, limit, fewshot=None):
     lm_tasks = [t for t in tasks if t != "preference"]
-    rows = _lm_scores(session, model, lm_tasks, limit, fewshot) if lm_tasks else []
+    rows, questions = _lm_scores(session, model, lm_tasks, limit, fewshot) if lm_tasks else ([], {})
     if "preference" in tasks:
-        margins = losses.preference_margins(model, session.loss(None))
-        rows.append(
-            dict(
-                task="preference",
-                metric="acc",
-                filter="none",
-                value=float((margins > 0).double().mean()),
-                stderr=float((margins > 0).double().std() / math.sqrt(len(margins))),
-            )
-        )
-    return rows
+        won = (losses.preference_margins(model, session.loss(None)) > 0).double()
+        stderr = float(won.std() / math.sqrt(len(won)))
+        rows.append(dict(task="preference", metric="acc", filter="none", value=float(won.mean()), stderr=stderr))
+        questions["preference"] = won.tolist()
+    return rows, questions
 
 
 def _load_vision(folder, device, dtype, like=None):
@@ -338,12 +334,14 @@ def _vision_loss(session, examples):
 
 
 def _vision_scores(session, model, tasks, limit, fewshot=None):
-    from .evaluate import accuracy
+    from .evaluate import correct
 
     x, y = _vision_data(session)
     n = limit or len(y)
-    acc = accuracy(model, x[:n], y[:n])
-    return [dict(task=tasks[0], metric="acc", filter="none", value=acc, stderr=math.sqrt(acc * (1 - acc) / n))]
+    hits = correct(model, x[:n], y[:n]).double()
+    acc = float(hits.mean())
+    row = dict(task=tasks[0], metric="acc", filter="none", value=acc, stderr=math.sqrt(acc * (1 - acc) / n))
+    return [row], {tasks[0]: hits.tolist()}
 
 
 #: Held-out SRE paraphrase pairs in an embedding pair's loss (the first of the held-out part; the scores use all).
@@ -372,7 +370,7 @@ def _embedding_scores(session, model, tasks, limit, fewshot=None):
     key = ("post_embeddings", limit)
     if key not in session.state:  # the post-trained model's embeddings, once per pair and limit
         session.state[key] = embed(session.post, _tokenizer(session), [a for a, _ in pairs] + [b for _, b in pairs])
-    return embedding_scores(model, _tokenizer(session), pairs, tasks, reference=session.state[key])
+    return embedding_scores(model, _tokenizer(session), pairs, tasks, reference=session.state[key], per_question=True)
 
 
 def _embedding_tasks(pair):

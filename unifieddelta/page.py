@@ -30,6 +30,8 @@ def glue(name: str, value) -> None:
 
     if value is None:
         value = math.nan
+    if hasattr(value, "sentence"):  # a verdict: the page prints its sentence
+        value = value.sentence
     if hasattr(value, "item") and not isinstance(value, (str, bytes)):
         value = value.item()
     myst_glue(name, value, display=False)
@@ -76,9 +78,9 @@ def glued_values(notebook) -> dict:
     out = {}
     for cell in nb.cells:
         for o in cell.get("outputs", []) if cell.cell_type == "code" else []:
-            name = o.get("metadata", {}).get("scrapbook", {}).get("name")
-            if name is not None:
-                out[name] = o.get("data", {}).get("text/plain")
+            record = o.get("metadata", {}).get("scrapbook", {})
+            if "name" in record:
+                out[record["name"]] = o.get("data", {}).get(record.get("mime_prefix", "") + "text/plain")
     return out
 
 

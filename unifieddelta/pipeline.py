@@ -16,12 +16,13 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from . import __version__
+from . import __version__, provenance
 from .cache import atomic_dir, atomic_write_bytes, cache_dir, stable_hash
 from .errors import NotebookError, ProfileError, UnifiedDeltaError
 
@@ -37,6 +38,7 @@ class NotebookRun:
     output: Path
     parameters: dict  # what papermill injects
     resolved: dict = field(default_factory=dict)  # every parameter as the notebook will see it
+    profile: str = ""  # the profile that asked for it (its provenance record names it)
 
 
 def shipped_profiles() -> list[str]:
@@ -109,8 +111,11 @@ def notebook_runs(profile: dict, root: Path) -> list[NotebookRun]:
                     f"profile {profile['name']}: {name!r} reads {', '.join(missing)}, not listed before it"
                 )
             params["chapter_params"] = {r.name: r.resolved for r in runs if r.name in read}
+            if "chapter_keys" in declared:  # a page that reads the others' executed copies re-runs when they do
+                params["chapter_keys"] = {r.name: cache_key(r) for r in runs if r.name in read}
         defaults = {k: _literal(v["default"], name, k) for k, v in declared.items()}
-        runs.append(NotebookRun(name, source, root / GENERATED / f"{name}.ipynb", params, defaults | params))
+        output = root / GENERATED / f"{name}.ipynb"
+        runs.append(NotebookRun(name, source, output, params, defaults | params, profile["name"]))
     return runs
 
 
@@ -193,6 +198,7 @@ def execute(run: NotebookRun, *, force: bool = False, cwd: Path | None = None) -
     executed = False
     if force or not cached.is_file():
         tmp = cached.with_name(f".{cached.name}.{os.getpid()}.running.ipynb")
+        stored, start = _stored(run), time.perf_counter()
         try:
             papermill.execute_notebook(
                 str(as_ipynb(run.source)),
@@ -203,6 +209,9 @@ def execute(run: NotebookRun, *, force: bool = False, cwd: Path | None = None) -
                 kernel_name="python3",
             )
             _hide_injected(tmp)
+            root = (cwd or run.source.parent).resolve()
+            rec = provenance.record(run.name, run.profile, run.parameters, root, time.perf_counter() - start, stored)
+            provenance.annotate(tmp, rec)
             os.replace(tmp, cached)  # only a notebook that ran to the end enters the cache
         except papermill.PapermillExecutionError as e:
             raise NotebookError(
@@ -216,6 +225,13 @@ def execute(run: NotebookRun, *, force: bool = False, cwd: Path | None = None) -
     if not run.output.is_file() or run.output.read_bytes() != data:  # unchanged: Sphinx need not re-read it
         atomic_write_bytes(run.output, data)
     return executed
+
+
+def _stored(run: NotebookRun) -> tuple[int, int]:
+    """(trials of the page's plan the store holds now, all its trials): what the page takes from the store."""
+    from . import chapters
+
+    return chapters.bind(run.name, run.resolved).stored()
 
 
 def _hide_injected(path: Path) -> None:

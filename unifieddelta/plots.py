@@ -49,6 +49,68 @@ def style() -> None:
 style()
 
 
+def symlog_axis(ax, values, axis: str = "y", decades: int = 3) -> None:
+    """A symmetric log scale on ``axis`` whose linear part spans the ``decades``-th decade below the largest
+    |value|, with at most three labelled ticks a side (10^k for the top decades, thinned) and 0: labels never
+    crowd around zero, and a value of exactly zero stays on the axis."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    finite = np.abs(np.asarray(values, dtype=float))
+    finite = finite[np.isfinite(finite) & (finite > 0)]
+    top = float(finite.max()) if finite.size else 1.0
+    high = int(np.ceil(np.log10(top)))
+    linthresh = 10.0 ** (high - decades)
+    getattr(ax, f"set_{axis}scale")("symlog", linthresh=linthresh)
+    powers = list(range(high, high - decades, -1))[:3]
+    ticks = sorted([0.0] + [s * 10.0**k for k in powers for s in (-1, 1)])
+    target = getattr(ax, f"{axis}axis")
+    target.set_major_locator(FixedLocator(ticks))
+    target.set_minor_locator(NullLocator())
+    target.set_major_formatter(FuncFormatter(lambda v, _: "0" if v == 0 else f"{v:.0e}".replace("e-0", "e-")))
+
+
+def intervals(
+    frame: pd.DataFrame,
+    x: str,
+    *,
+    hue: str | None = None,
+    panels: str | None = None,
+    tolerance: float | None = None,
+    xlabel: str | None = None,
+    ylabel: str = "change of the mean score against post",
+    hue_order: Sequence | None = None,
+    cols: int = 2,
+    logx: bool = False,
+):
+    """Estimates with their intervals (columns ``value``, ``low``, ``high``, as ``uncertainty.change_table``
+    gives them) against ``x``: one line of points with error bars per ``hue`` value, a line at zero (no change) and,
+    given a ``tolerance``, a dashed line at −tolerance (the loss a verdict tolerates)."""
+    keys = list(dict.fromkeys(frame[panels])) if panels else [None]
+    fig, axes = _grid(len(keys), cols, width=4.8 if panels else 6.4, height=3.4 if panels else 3.8)
+    hues = list(hue_order) if hue_order is not None else (list(dict.fromkeys(frame[hue])) if hue else [None])
+    for ax, key in zip(axes, keys):
+        part = frame if key is None else frame[frame[panels] == key]
+        span = float(part[x].max() - part[x].min()) if len(part) else 0.0
+        for i, h in enumerate(hues):
+            rows = (part if h is None else part[part[hue] == h]).sort_values(x)
+            if rows.empty:
+                continue
+            dodge = 0.0 if logx else (i - (len(hues) - 1) / 2) * 0.012 * span  # error bars side by side
+            err = np.vstack([rows["value"] - rows["low"], rows["high"] - rows["value"]])
+            ax.errorbar(rows[x] + dodge, rows["value"], yerr=err, marker="o", ms=4, lw=1.4, capsize=3,
+                        color=PALETTE[i % len(PALETTE)], label=None if h is None else str(h))  # fmt: skip
+        ax.axhline(0.0, color="black", lw=1.0, zorder=0, label="post-trained model")
+        if tolerance:
+            ax.axhline(-tolerance, color="0.45", ls="--", lw=1.0, zorder=0, label=f"tolerance (−{tolerance:g})")
+        if logx:
+            ax.set_xscale("log")
+        ax.set_title("" if key is None else str(key))
+        ax.set_ylabel(ylabel)
+        ax.set_xlabel(xlabel or x)
+    _legend(fig, axes)
+    return fig
+
+
 def _grid(n: int, cols: int, width: float = 4.4, height: float = 3.2, sharex: bool = True):
     cols = max(1, min(cols, n))
     rows = int(np.ceil(n / cols))
@@ -136,8 +198,7 @@ def lines(
         if logx:
             ax.set_xscale("log")
         if yscale == "symlog":
-            span = float(np.nanmax(np.abs(part[y]))) if len(part) else 1.0
-            ax.set_yscale("symlog", linthresh=max(span * 1e-3, 1e-12))
+            symlog_axis(ax, part[y], "y")
         elif yscale:
             ax.set_yscale(yscale)
         ax.set_ylabel(ylabel or LABELS.get(str(key), y))
@@ -183,9 +244,9 @@ def scatter(
         hi = float(np.nanmax([frame[x].max(), frame[y].max()]))
         ax.plot([lo, hi], [lo, hi], color="0.5", lw=1, ls=":", label="y = x", zorder=0)
     if symlog:
-        span = np.nanmax(np.abs(frame[[x, y]].to_numpy())) if len(frame) else 1.0
+        values = frame[[x, y]].to_numpy().ravel()
         for axis in ("x", "y"):
-            getattr(ax, f"set_{axis}scale")("symlog", linthresh=max(span * 1e-4, 1e-12))
+            symlog_axis(ax, values, axis)
     ax.set_xlabel(xlabel or LABELS.get(x, x))
     ax.set_ylabel(ylabel or LABELS.get(y, y))
     if hue:
@@ -222,8 +283,7 @@ def boxes(
     )
     ax.axhline(0.0, color="0.3", lw=0.8, zorder=0)
     if symlog:
-        span = float(np.nanmax(np.abs(frame[y]))) if len(frame) else 1.0
-        ax.set_yscale("symlog", linthresh=max(span * 1e-3, 1e-12))
+        symlog_axis(ax, frame[y], "y")
     ax.set_xlabel(xlabel or x)
     ax.set_ylabel(ylabel or LABELS.get(y, y))
     ax.tick_params(axis="x", labelrotation=20)
@@ -265,6 +325,10 @@ def strips(
     """A dot per row at ``x``, rows grouped by the category ``y`` and colored by ``hue`` (dodged apart)."""
     cats = [c for c in (order if order is not None else sorted(frame[y].unique())) if c in set(frame[y])]
     hues = list(dict.fromkeys(frame[hue]))
+    zero = logx and (frame[x] <= 0).any()
+    if zero:  # a tensor that did not move at all has no place on a log axis: it sits on a marked floor instead
+        floor = float(frame.loc[frame[x] > 0, x].min()) / 4
+        frame = frame.assign(**{x: frame[x].where(frame[x] > 0, floor)})
     fig, ax = plt.subplots(figsize=(8.8, 0.36 * len(cats) * max(2, len(hues)) + 1.2))
     sns.stripplot(
         frame,
@@ -281,6 +345,10 @@ def strips(
     )
     if logx:
         ax.set_xscale("log")
+    if zero:
+        ax.axvline(floor, color="0.5", ls=":", lw=1)
+        ax.annotate("unchanged (0)", (floor, 1.0), xycoords=("data", "axes fraction"), ha="center", va="bottom",
+                    fontsize=9, color="0.35")  # fmt: skip
     ax.set_xlabel(xlabel or x)
     ax.set_ylabel("")
     for i in range(len(cats) - 1):
@@ -318,7 +386,7 @@ def scatters(
     for ax, x in zip(axes, xs):
         scatter(frame, x=x, y=y, hue=hue, diagonal=False, ax=ax, ylabel=ylabel)
         if symlog:
-            ax.set_xscale("symlog", linthresh=max(float(frame[x].abs().max()) * 1e-3, 1e-12))
+            symlog_axis(ax, frame[x], "x")
         ax.axhline(0.0, color="0.3", lw=0.8, zorder=0)
     _legend(fig, axes)
     return fig

@@ -72,7 +72,7 @@ def per_trial(frame, pair: str | None = None):
     Used by: every chapter with trials."""
     frame = frame if pair is None else frame[frame.pair == pair]
     settings = [c for c in frame.columns if c not in experiments.COLUMNS]
-    keys = ["pair", "method", "edit", "seed", "trial"]
+    keys = ["pair", "method", "edit", "seed", "scope", "trial"]
     base = frame.drop_duplicates("trial")[keys + settings].set_index("trial")
     left = (frame.quantity != "term") | ((frame["rule"] == "left") & (frame["points"] == 5) & (frame["mode"] == "grad"))
     wanted = ["term", "first_order", "loss_change", "second_order", "d_norm", "loss"]
@@ -212,3 +212,73 @@ def turn_and_cross(values) -> tuple[float, float, float]:
             cross = a0 + (a1 - a0) * (-v0) / (v1 - v0)
             break
     return float(low), float(values.min()), float(cross)
+
+
+def sample_sizes(questions, trials=None) -> dict:
+    """What a page's intervals rest on: the questions per task (the fewest any task has), the tasks, and the
+    masks or seeds per setting (the most any edit has, from ``trials``: ``per_trial`` rows).
+    Used by: every chapter with scores."""
+    per_task = questions.groupby(["trial", "task"]).size() if len(questions) else pd.Series(dtype=int)
+    draws = trials.groupby("edit").seed.nunique().max() if trials is not None and len(trials) else 0
+    return {
+        "questions": int(per_task.min()) if len(per_task) else 0,
+        "tasks": int(questions.task.nunique()) if len(questions) else 0,
+        "draws": int(draws) if draws == draws else 0,
+    }
+
+
+def interval_table(changes, index: Sequence[str], column: str | None = None):
+    """Changes with intervals (``uncertainty.change_table`` rows) as a table of ``+1.2 (−0.3 to +2.7)`` cells in
+    points (hundredths of a share correct), rows ``index``, one column per value of ``column`` (default: the last
+    of ``index``). Used by: every chapter with scores."""
+    cells = changes.assign(
+        cell=[
+            f"{100 * v:+.1f} ({100 * lo:+.1f} to {100 * hi:+.1f})"
+            for v, lo, hi in zip(changes.value, changes.low, changes.high)
+        ]
+    )
+    index = list(index)
+    column = column or index[-1]
+    rows = [i for i in index if i != column]
+    out = cells.pivot_table(index=rows or None, columns=column, values="cell", aggfunc="first")
+    out.columns = [f"{column} = {c:g}" if isinstance(c, float) else str(c) for c in out.columns]
+    return out
+
+
+def expectation_table(evidence):
+    """``verdicts.expectation_check``'s evidence, formatted for a page. Used by: dare, kfamily."""
+    out = evidence.copy()
+    out["t = 0 node (95%)"] = [
+        f"{v:+.2g} ({lo:+.2g} to {hi:+.2g})" for v, lo, hi in zip(out["t=0 mean"], out["t=0 low"], out["t=0 high"])
+    ]
+    keep = [c for c in out.columns if c not in ("t=0 mean", "t=0 low", "t=0 high", "t=0 contains 0")]
+    return out[keep].set_index(keep[0])
+
+
+def interval_text(rows) -> str:
+    """The first row of ``uncertainty.change_table`` rows as ``+1.2 (−0.3 to +2.7)`` points, or ``—``.
+    Used by: bitdelta, structure, expo."""
+    if not len(rows) or rows.value.iloc[0] != rows.value.iloc[0]:
+        return "—"
+    r = rows.iloc[0]
+    return f"{100 * r.value:+.1f} ({100 * r.low:+.1f} to {100 * r.high:+.1f})"
+
+
+def listing(values, unit: str = "") -> str:
+    """``[4, 5], "bits"`` -> ``4 and 5 bits``; no values -> ``none of those measured``. Used by: bitdelta."""
+    values = [f"{v:g}" if isinstance(v, float) else str(v) for v in values]
+    if not values:
+        return "none of those measured"
+    text = values[0] if len(values) == 1 else ", ".join(values[:-1]) + " and " + values[-1]
+    return f"{text} {unit}".strip()
+
+
+def ranks_used(stats, fractions: Sequence[float]):
+    """The integer rank a rank fraction gives each weight matrix (``edits.resolve_rank``: floored, at least one),
+    from ``pairs.delta_table`` rows: one row per fraction, one column per distinct smaller dimension of a matrix
+    (``min(m, n) = 64``...). Used by: structure."""
+    from .edits import resolve_rank
+
+    dims = sorted({min(s) for s in stats["shape"] if len(s) == 2})
+    rows = {f"{f:g}": {f"min(m, n) = {d}": resolve_rank(float(f), (d, d)) for d in dims} for f in fractions}
+    return pd.DataFrame(rows).T.rename_axis("rank fraction")

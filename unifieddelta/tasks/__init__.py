@@ -60,7 +60,7 @@ def is_project_task(name: str) -> bool:
     return name in task_names()
 
 
-def materialize(*, n_test: int = 100, seed: int = 0) -> Path:
+def materialize(*, n_test: int = generate.N_TEST, seed: int = 0) -> Path:
     """Write every task's test documents and its YAML (absolute ``data_files``) into the cache; return the folder.
 
     Written once per key, atomically; later calls return the existing folder.
@@ -82,7 +82,7 @@ def materialize(*, n_test: int = 100, seed: int = 0) -> Path:
     return target
 
 
-def task_manager(names: list[str] | None = None, *, n_test: int = 100, seed: int = 0):
+def task_manager(names: list[str] | None = None, *, n_test: int = generate.N_TEST, seed: int = 0):
     """An lm-eval ``TaskManager`` that knows the project's tasks, and lm-eval's built-in ones only if ``names``
     has one (``include_defaults=False`` otherwise skips indexing thousands of YAMLs)."""
     from lm_eval.tasks import TaskManager

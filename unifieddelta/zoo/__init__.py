@@ -10,6 +10,7 @@ or for ``unifieddelta edit --pre … --post …``. Any name may carry recipe cha
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 from ..errors import InvalidParameterError
@@ -185,6 +186,53 @@ def describe(name: str, *, recipe: LMRecipe | ViTRecipe | None = None) -> dict:
         "metrics": (manifests[1] or {}).get("metrics", {}),
         "recipe": dataclasses.asdict(recipe),
     }
+
+
+def model_card(name: str, *, smoke: bool = False) -> dict:
+    """One zoo pair in a few numbers, read from its recipe and its built checkpoint (built on first use): its
+    architecture, parameters, layers, width, heads and vocabulary, what each training stage did, and how long the
+    stages took to build. Used by: the setup page."""
+    from ..deltas import delta_stats
+
+    recipe = recipe_for(name, smoke=smoke)
+    pre, post = load_pair(name, recipe=recipe)
+    config = json.loads((Path(post) / "config.json").read_text())
+    stats = delta_stats(pre, post)
+    card = {
+        "pair": name,
+        "architecture": config.get("architectures", ["?"])[0],
+        "parameters": int(stats["numel"].sum()),
+        "layers": config.get("num_hidden_layers"),
+        "width": config.get("hidden_size"),
+        "heads": config.get("num_attention_heads"),
+    }
+    if isinstance(recipe, LMRecipe):
+        card["vocabulary"] = config.get("vocab_size")
+        stages = ("sft", "dpo") if split_name(name)[0] == "tiny-lm-dpo" else ("pre", "sft")
+        card["training"] = "; ".join(_stage_text(recipe, s) for s in stages)
+    else:
+        card["vocabulary"] = None
+        card["training"] = (
+            f"backbone: {recipe.pre_steps} steps of {recipe.pre_batch} images; fine-tune: {recipe.ft_steps} steps "
+            f"of {recipe.ft_batch}"
+        )
+    manifest = describe(name, recipe=recipe)
+    card["post metrics"] = ", ".join(f"{k} {v:.3g}" for k, v in manifest["metrics"].items() if isinstance(v, float))
+    return card
+
+
+def _stage_text(recipe: LMRecipe, stage: str) -> str:
+    if stage == "pre":
+        return (
+            f"pre-training: {recipe.pre_steps} steps × {recipe.pre_batch} documents of statements, lr {recipe.pre_lr:g}"
+        )
+    if stage == "sft":
+        return (
+            f"SFT: {recipe.sft_steps} steps × {recipe.sft_batch} of {recipe.sft_examples} question–answer examples, "
+            f"lr {recipe.sft_lr:g}"
+        )
+    pairs = f"{recipe.dpo_steps} steps × {recipe.dpo_batch} of {recipe.dpo_pairs} preference pairs"
+    return f"DPO: {pairs}, β {recipe.dpo_beta:g}"
 
 
 __all__ = [

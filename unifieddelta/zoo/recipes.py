@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from ..cache import stable_hash
+from ..tasks.generate import N_TEST
 
 
 def _fields(recipe, prefixes: tuple[str, ...], exclude: tuple[str, ...] = ()) -> dict:
@@ -46,7 +47,7 @@ class LMRecipe:
     init_std: float = 0.06
     seq_len: int = 96
     seed: int = 0
-    n_test: int = 100
+    n_test: int = N_TEST  # test items per task (tasks.generate), never trained on
     # pre-training on statements (causal LM loss on every token)
     pre_docs: int = 20000
     pre_steps: int = 1200
