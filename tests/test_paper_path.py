@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import gpt2_pair
 
-from unifieddelta import chapters, experiments, kinds, pipeline
+from unifieddelta import chapters, estimates, experiments, kinds, pipeline
 from unifieddelta.errors import InvalidParameterError, ProfileError
 
 ALL = ("term", "loss_change", "second_order", "scores")
@@ -188,8 +188,8 @@ def test_the_paper_profile_runs_expo_on_zephyr_and_estimates_its_cost():
     t = next(t for t in expo.trials if t.pair == dpo)
     assert t.loss_examples == 512 and t.device == "cuda" and t.dtype == "bfloat16"
     # 5 points x 6 FLOPs x 7.24e9 parameters x 512 triples x 900 tokens at the assumed throughput
-    assert pipeline.trial_term_seconds(t) == pytest.approx(5 * 6 * 7.24e9 * 512 * 900 / pipeline.ASSUMED_FLOPS)
-    cost = pipeline.estimate(expo)
+    assert estimates.trial_term_seconds(t) == pytest.approx(5 * 6 * 7.24e9 * 512 * 900 / estimates.ASSUMED_FLOPS)
+    cost = estimates.estimate(expo)
     assert cost["memory"] == pytest.approx(5 * 2 * 8.03e9) and cost["gpus"] == 2
     minilm = chapters.plan("minilm", **runs["minilm"].resolved)
     assert minilm.pairs[0].name == "minilm-sre"  # the packaged pair, not the profile's

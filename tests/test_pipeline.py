@@ -11,7 +11,7 @@ import yaml
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 import unifieddelta
-from unifieddelta import pipeline
+from unifieddelta import estimates, pipeline
 from unifieddelta.cli import main
 from unifieddelta.errors import NotebookError, ProfileError, UnifiedDeltaError
 
@@ -229,7 +229,7 @@ def test_dry_run_works_offline_for_every_shipped_profile(profile, capsys):
     if profile.startswith("paper"):
         assert f"to fetch from the hub: {pipeline.load_profile(profile)['defaults']['pre']}" in out
         assert "to fetch from the hub: alignment-handbook/zephyr-7b-sft-full" in out  # EXPO's pair
-        size = pipeline.KNOWN_PARAMETERS[pipeline.load_profile(profile)["defaults"]["post"]]
+        size = estimates.KNOWN_PARAMETERS[pipeline.load_profile(profile)["defaults"]["post"]]
         assert "estimate (not measured" in out and f"{size / 1e9:.1f}B parameters" in out and "GPU-hours" in out
     else:
         assert "tiny-lm" in out
@@ -250,6 +250,6 @@ def test_dry_run_counts_what_the_store_holds(tmp_path, capsys):
 def test_the_dry_run_estimates_follow_their_formulas():
     """Against the arithmetic done by hand: 5 passes x 6 FLOPs x 8e9 parameters x 1,000 examples x 250 tokens at
     1.6e14 FLOP/s is 375 s; five bfloat16 values per parameter of an 8e9 model are 80e9 bytes."""
-    assert pipeline.term_seconds(8e9, 1000, 250, 5, flops=1.6e14) == pytest.approx(375.0)
-    assert pipeline.gpu_memory_bytes(8e9) == pytest.approx(80e9)
-    assert pipeline.term_seconds(8e9, 1000, 250, 10) == pytest.approx(2 * pipeline.term_seconds(8e9, 1000, 250, 5))
+    assert estimates.term_seconds(8e9, 1000, 250, 5, flops=1.6e14) == pytest.approx(375.0)
+    assert estimates.gpu_memory_bytes(8e9) == pytest.approx(80e9)
+    assert estimates.term_seconds(8e9, 1000, 250, 10) == pytest.approx(2 * estimates.term_seconds(8e9, 1000, 250, 5))

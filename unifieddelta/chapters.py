@@ -35,6 +35,7 @@ class Plan:
     trials: list[experiments.Trial]
     pairs: list[Pair] = field(default_factory=list)
     facts: dict = field(default_factory=dict)
+    setting: "Setting | None" = None  # what the chapter was bound with (bind sets it): the device and dtype in use
 
     def __post_init__(self):
         self.pairs = list(dict.fromkeys([*self.pairs, *(t.pair for t in self.trials)]))
@@ -107,13 +108,30 @@ def bind(name: str, namespace: Mapping[str, Any]) -> Plan:
     profile's resolved parameters): its plan function's own parameters by name, the shared ones as a
     :class:`Setting`. A parameter the plan needs and the namespace lacks raises, naming it."""
     if name not in PLANS:
-        return Plan(name, [])  # a page that measures nothing (the citation page, say)
+        return Plan(name, [])  # a page that measures nothing (the setup page, say)
     wanted = [n for n in inspect.signature(PLANS[name]).parameters if n != "s"]
     missing = [n for n in wanted if n not in namespace]
     if missing:
         raise InvalidParameterError(f"chapter {name}: no value for parameter(s) {', '.join(missing)}")
     shared = {f.name: namespace[f.name] for f in dataclasses.fields(Setting) if f.name in namespace}
-    return PLANS[name](Setting(**shared), **{n: namespace[n] for n in wanted})
+    shared["device"], shared["dtype"] = resolve(shared.get("device", "cpu"), shared.get("dtype", "float32"))
+    setting = Setting(**shared)
+    plan = PLANS[name](setting, **{n: namespace[n] for n in wanted})
+    plan.setting = setting
+    return plan
+
+
+def resolve(device: str, dtype: str) -> tuple[str, str]:
+    """``device="best"``: a GPU when torch sees one, else the CPU; ``dtype="best"``: bfloat16 on a GPU, float32 on the
+    CPU. Anything else as given (a notebook launched on a GPU runtime picks the GPU without being told)."""
+    import torch
+
+    gpu = torch.cuda.is_available()
+    if device == "best":
+        device = "cuda" if gpu else "cpu"
+    if dtype == "best":
+        dtype = "bfloat16" if device not in ("cpu",) and gpu else "float32"
+    return device, dtype
 
 
 def plan(name: str, **params) -> Plan:
@@ -312,6 +330,12 @@ def reproduction(s: Setting, *, chapter_params) -> Plan:
     """The paper's claims, checked on the trials of the chapters read (``chapter_params``, as for the
     classification)."""
     return Plan("reproduction", classification(s, chapter_params=chapter_params).trials)
+
+
+@_chapter
+def data(s: Setting, *, chapter_params) -> Plan:
+    """Every trial of the chapters read (``chapter_params``): the whole store behind the book, as one table."""
+    return Plan("data", classification(s, chapter_params=chapter_params).trials)
 
 
 @_chapter

@@ -100,3 +100,82 @@ def glue_diff(old: str, new: str) -> list[str]:
             if a.get(name) != b.get(name):
                 lines.append(f"{path.stem}.{name}: {a.get(name)!r} -> {b.get(name)!r}")
     return lines
+
+
+#: The output type that carries the data behind a figure or table in an executed notebook; the pipeline writes it
+#: out as ``book/generated/data/NAME.csv`` beside the page, where the page's download link points, and removes it
+#: from the copy the book shows.
+DATA_MIME = "application/vnd.unifieddelta.data+json"
+DATA_FOLDER = "data"
+
+
+def data_link(name: str, what: str = "figure") -> str:
+    """The download link a page shows for the data behind a figure or table: ``data/NAME.csv`` beside the page."""
+    return f"{{download}}`The data behind this {what} (CSV) <{DATA_FOLDER}/{name}.csv>`"
+
+
+def _attach(frame, name: str, link: bool) -> None:
+    """Carry the CSV of ``frame`` in an output of its own (see ``DATA_MIME``), with its link when ``link``."""
+    attach(
+        f"{name}.csv", frame.to_csv(index=not _plain_index(frame)).encode(), data_link(name, "table") if link else ""
+    )
+
+
+def attach(filename: str, content: bytes, markdown: str = "") -> None:
+    """Carry a file in an output of the page (see ``DATA_MIME``): the pipeline writes it as ``data/FILENAME`` beside
+    the page. ``markdown``: what the output shows (a link to the file, say), or nothing."""
+    import base64
+
+    from IPython.display import display
+
+    bundle = {DATA_MIME: {"file": filename, "base64": base64.b64encode(content).decode()}}
+    if markdown:
+        bundle["text/markdown"] = markdown
+    display(bundle, raw=True)
+
+
+def _plain_index(frame) -> bool:
+    import pandas as pd
+
+    return frame.index.name is None and frame.index.equals(pd.RangeIndex(len(frame)))
+
+
+def show_figure(fig, data, name: str) -> None:
+    """Show a figure and carry the CSV of exactly the rows it draws (``data``). ``name`` is the figure's label
+    (``fig-dare-scores``): the file is ``data/fig-dare-scores.csv`` beside the page, and the figure's caption links
+    it (``pipeline.as_ipynb`` adds the link to every named figure's caption)."""
+    import matplotlib.pyplot as plt
+    from IPython.display import display
+
+    display(fig)
+    plt.close(fig)
+    _attach(data, name, link=False)
+
+
+def show_table(shown, name: str, data=None) -> None:
+    """Show a table (a pandas Styler or DataFrame), then a link to the CSV of its rows (``data``, or the table's own
+    data): ``data/NAME.csv`` beside the page."""
+    from IPython.display import display
+
+    display(shown)
+    _attach(data if data is not None else getattr(shown, "data", shown), name, link=True)
+
+
+def split_data(notebook_bytes: bytes) -> tuple[bytes, dict[str, bytes]]:
+    """An executed notebook without the files its outputs carry (``show_figure``, ``show_table``, ``attach``), and
+    those files: file name -> content. The book shows the first and writes the second beside it."""
+    import base64
+
+    import nbformat
+
+    nb = nbformat.reads(notebook_bytes.decode(), as_version=4)
+    out = {}
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        for o in cell.get("outputs", []):
+            payload = o.get("data", {}).pop(DATA_MIME, None)
+            if payload:
+                out[payload["file"]] = base64.b64decode(payload["base64"])
+        cell["outputs"] = [o for o in cell.get("outputs", []) if "data" not in o or o["data"]]
+    return (nbformat.writes(nb).encode() if out else notebook_bytes), out

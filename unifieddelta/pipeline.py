@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from . import __version__, provenance
+from . import __version__, estimates, provenance
 from .cache import atomic_dir, atomic_write_bytes, cache_dir, stable_hash
 from .errors import NotebookError, ProfileError, UnifiedDeltaError
 
@@ -145,6 +145,18 @@ def notebook_source(root: Path, name: str, profile: str = "") -> Path:
     raise ProfileError(f"profile {profile}: notebook {name!r} not found at {where} (or .ipynb)")
 
 
+def with_repository(text: str, repo: str) -> str:
+    """A notebook's text with its install cell pointed at ``repo`` (CITATION.cff's, the one place a fork changes)."""
+    import re
+
+    return re.sub(
+        r'^    %pip install --quiet "unifieddelta @ git\+[^"]*"$',
+        provenance.INSTALL_LINE.format(repo),
+        text,
+        flags=re.M,
+    )
+
+
 def as_ipynb(source: Path) -> Path:
     """A MyST Markdown notebook converted to .ipynb for papermill (once per text: cached by its hash); an .ipynb
     source as it is."""
@@ -153,12 +165,18 @@ def as_ipynb(source: Path) -> Path:
     import jupytext
     import nbformat
 
+    from . import page
+
+    repo = provenance.repository(source.parent.parent)
     text = source.read_text()
-    out = cache_dir("sources") / f"{source.stem}-{stable_hash(text)}.ipynb"
+    out = cache_dir("sources") / f"{source.stem}-{stable_hash(text, repo, _package_digest())}.ipynb"
     if not out.is_file():
-        nb = jupytext.reads(text, fmt="md:myst")
+        nb = jupytext.reads(with_repository(text, repo), fmt="md:myst")
         for i, cell in enumerate(nb.cells):  # stable ids: the same text gives the same notebook, byte for byte
             cell["id"] = f"{source.stem}-{i}"
+            figure = cell.get("metadata", {}).get("mystnb", {}).get("figure", {})
+            if figure.get("name"):  # the figure's caption links the CSV of the rows it draws
+                figure["caption"] = f"{figure.get('caption', '').rstrip()} {page.data_link(figure['name'])}."
         atomic_write_bytes(out, nbformat.writes(nb).encode())
     return out
 
@@ -221,10 +239,23 @@ def execute(run: NotebookRun, *, force: bool = False, cwd: Path | None = None) -
         finally:
             tmp.unlink(missing_ok=True)
         executed = True
-    data = cached.read_bytes()
-    if not run.output.is_file() or run.output.read_bytes() != data:  # unchanged: Sphinx need not re-read it
-        atomic_write_bytes(run.output, data)
+    place(cached.read_bytes(), run.output)
     return executed
+
+
+def place(executed: bytes, output: Path) -> None:
+    """Put an executed notebook where the book expects it, without the data its figures and tables carry, and that
+    data as CSV files beside it (``page.show_figure``): what the page's download links point at. Files already
+    equal are left alone, so Sphinx need not re-read an unchanged page."""
+    from . import page
+
+    shown, data = page.split_data(executed)
+    if not output.is_file() or output.read_bytes() != shown:
+        atomic_write_bytes(output, shown)
+    for name, content in data.items():
+        target = output.parent / page.DATA_FOLDER / name
+        if not target.is_file() or target.read_bytes() != content:
+            atomic_write_bytes(target, content)
 
 
 def _stored(run: NotebookRun) -> tuple[int, int]:
@@ -273,7 +304,16 @@ def build_html(root: Path) -> Path:
         raise UnifiedDeltaError(f"jupyter-book build failed ({len(problems)} problem(s)); first: {detail}")
     with atomic_dir(root / "_build" / "html", overwrite=True) as tmp:
         shutil.copytree(staging / "_build" / "html", tmp, dirs_exist_ok=True)
+        _launch_copies(root, tmp / "notebooks")
     return root / "_build" / "html" / "index.html"
+
+
+def _launch_copies(root: Path, folder: Path) -> None:
+    """The source notebooks converted to .ipynb (install cell pointed at the repository, no outputs) beside the
+    published HTML, where the Colab links of the pages point (``provenance.launch_links``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for source in sorted((root / "notebooks").glob("*.md")):
+        shutil.copy(as_ipynb(source), folder / f"{source.stem}.ipynb")
 
 
 def build_book(
@@ -317,105 +357,6 @@ def _pair_status(pair) -> str:
     return "local folders" if not sides else f"to fetch from the hub: {', '.join(sides)}"
 
 
-# ---------------------------------------------------------------------------------------------- estimates
-
-#: Parameter counts of the paper's hub models (from their model cards), for estimates before anything is fetched.
-KNOWN_PARAMETERS = {
-    "meta-llama/Meta-Llama-3-8B": 8.03e9,
-    "meta-llama/Meta-Llama-3-8B-Instruct": 8.03e9,
-    "mistralai/Mistral-7B-v0.3": 7.25e9,
-    "mistralai/Mistral-7B-Instruct-v0.3": 7.25e9,
-    "Qwen/Qwen2-7B": 7.62e9,
-    "Qwen/Qwen2-7B-Instruct": 7.62e9,
-    "alignment-handbook/zephyr-7b-sft-full": 7.24e9,
-    "alignment-handbook/zephyr-7b-dpo-full": 7.24e9,
-}
-#: Loss data whose size the estimate knows: (examples, tokens per example, roughly; a preference triple counts its
-#: chosen and its rejected sequence).
-KNOWN_LOSS_DATA = {
-    "hf:openai/gsm8k:main:test": (1319, 250),
-    "hf:tatsu-lab/alpaca:train[:1319]": (1319, 200),
-    "hf:HuggingFaceH4/ultrafeedback_binarized:test_prefs": (2000, 900),
-}
-#: An assumption, not a measurement: a current data-centre GPU sustains about 160 TFLOP/s in bfloat16 on a
-#: transformer's forward and backward passes (400 peak at 40% utilisation).
-ASSUMED_FLOPS = 160e12
-#: The memory of one GPU the estimate places models on (an 80 GB H100 or A100): above it, ``device="auto"``
-#: spreads each model over several (activations not counted).
-GPU_BYTES = 80e9
-
-
-def term_seconds(parameters: float, examples: int, tokens: int, points: int, flops: float = ASSUMED_FLOPS) -> float:
-    """Estimated seconds of one approximation term: ``points`` forward and backward passes (≈ 6 FLOPs per parameter
-    and token) over ``examples`` loss examples of ``tokens`` tokens."""
-    return points * 6.0 * parameters * examples * tokens / flops
-
-
-def gpu_memory_bytes(parameters: float, bytes_per_value: int = 2) -> float:
-    """Estimated GPU memory of a trial's term, without activations: five values per parameter, the pre-trained
-    and the post-trained weights (pre is the DPO loss's reference too), their copy at W_post + t·D, the gradient
-    and D."""
-    return 5.0 * bytes_per_value * parameters
-
-
-def trial_term_seconds(t) -> float | None:
-    """Estimated GPU seconds of one trial's term on a hub model of known size and loss data of known size (a
-    trial's ``loss_examples`` caps the examples); None otherwise."""
-    size, data = KNOWN_PARAMETERS.get(t.pair.post), KNOWN_LOSS_DATA.get(t.pair.loss_data)
-    if size is None or data is None or "term" not in t.measure:
-        return None
-    return term_seconds(size, min(t.loss_examples or data[0], data[0]), data[1], t.points)
-
-
-def estimate(chapter) -> dict | None:
-    """A chapter's cost on the paper's hub models, not measured: parameters (model cards), GPU memory of the term
-    (without activations) and the GPUs it needs, term trials and their GPU seconds (None where the loss data's size
-    is unknown). None for a chapter on the zoo's pairs or local folders; {"parameters": None} for a hub model of
-    unknown size."""
-    hub = [p for p in chapter.pairs if not p.zoo and not Path(p.post).expanduser().is_dir()]
-    if not hub:
-        return None
-    sizes = [KNOWN_PARAMETERS.get(p.post) for p in hub]
-    if None in sizes:
-        return {"parameters": None}
-    size = max(sizes)
-    terms = [t for t in chapter.trials if "term" in t.measure and t.pair in hub]
-    seconds = [trial_term_seconds(t) for t in terms]
-    memory = gpu_memory_bytes(size)
-    data = sorted({t.pair.loss_data for t in terms if t.pair.loss_data in KNOWN_LOSS_DATA})
-    return {
-        "parameters": size,
-        "memory": memory,
-        "gpus": max(1, math.ceil(memory / GPU_BYTES)),
-        "term_trials": len(terms),
-        "term_seconds": None if None in seconds else sum(seconds),
-        "data": {d: KNOWN_LOSS_DATA[d] for d in data},
-    }
-
-
-def _estimate_line(e: dict) -> str:
-    if e["parameters"] is None:
-        return "  estimate: unknown model size (not one of the paper's models); no estimate"
-    line = (
-        f"  estimate (not measured: parameters from the model cards, an assumed {ASSUMED_FLOPS / 1e12:.0f} TFLOP/s): "
-        f"{e['parameters'] / 1e9:.1f}B parameters, GPU memory ≈ {e['memory'] / 2**30:.0f} GiB in bfloat16 for the "
-        "term plus activations"
-    )
-    if e["gpus"] > 1:
-        line += (
-            f" (more than one {GPU_BYTES / 1e9:.0f} GB GPU: about {e['gpus']} with device='auto', or one larger GPU)"
-        )
-    if e["term_seconds"] is not None and e["term_trials"]:
-        data = "; ".join(
-            f"{d.removeprefix('hf:')}: up to {n:,} examples of ~{k} tokens" for d, (n, k) in e["data"].items()
-        )
-        line += (
-            f"; the term ≈ {e['term_seconds'] / e['term_trials']:.0f} s per trial on average ({data}), "
-            f"{e['term_trials']} term trial(s) ≈ {e['term_seconds'] / 3600:.1f} GPU-hours; scores: not estimated"
-        )
-    return line
-
-
 def profile_estimate(profile: str = "paper", root: str | os.PathLike | None = None):
     """The cost of a profile on the paper's hub models, not measured: one row per chapter with term trials (trials,
     term trials, GPU memory in GiB, term GPU-hours), and the profile's totals (parameters, distinct term trials and
@@ -423,6 +364,7 @@ def profile_estimate(profile: str = "paper", root: str | os.PathLike | None = No
     import pandas as pd
 
     from . import chapters
+    from .estimates import KNOWN_LOSS_DATA, estimate, term_seconds, trial_term_seconds
 
     runs = notebook_runs(load_profile(profile), Path(root).resolve() if root else find_root())
     plans = [(run.name, chapters.bind(run.name, run.resolved)) for run in runs]  # each chapter's trials, once
@@ -473,9 +415,9 @@ def dry_run(profile: str = "tiny", root: str | os.PathLike | None = None, store=
         stored, n = chapter.stored(st)
         every += chapter.trials
         lines.append(f"  trials: {n} ({stored} in the store, {n - stored} to compute)")
-        cost = estimate(chapter)
+        cost = estimates.estimate(chapter)
         if cost:
-            lines.append(_estimate_line(cost))
+            lines.append(estimates.estimate_line(cost))
     done, total = experiments.stored(every, st)
     lines.append(
         f"\ntotal: {total} distinct trial(s), {done} in the store, {total - done} to compute"

@@ -64,6 +64,7 @@ def record(name: str, profile: str, parameters: dict, root: Path, seconds: float
     held, total = stored
     return {
         "page": name,
+        "links": launch_links(repository(root), name),
         "profile": profile,
         "parameters": parameters,
         "commit": sha,
@@ -76,6 +77,42 @@ def record(name: str, profile: str, parameters: dict, root: Path, seconds: float
         "from_store": held,
         "computed": total - held,
     }
+
+
+DEFAULT_REPOSITORY = "https://github.com/unifieddelta/unifieddelta"
+INSTALL_LINE = '    %pip install --quiet "unifieddelta @ git+{}"'
+
+
+def repository(root: Path) -> str:
+    """The book's repository URL: CITATION.cff's ``repository-code`` (the one line a fork changes)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load((Path(root) / "CITATION.cff").read_text()) or {}
+    except (OSError, ValueError):
+        data = {}
+    return str(data.get("repository-code") or DEFAULT_REPOSITORY).rstrip("/")
+
+
+def launch_links(repo: str, name: str, branch: str = "main") -> dict[str, str]:
+    """Where a reader opens page ``name``'s *source* notebook (``notebooks/NAME.md``, not the executed copy): on
+    GitHub, in Binder (JupyterLab opens the MyST notebook with jupytext), and in Colab (the source converted to
+    .ipynb, which the published book carries at ``notebooks/NAME.ipynb`` on its gh-pages branch)."""
+    slug = repo.removeprefix("https://github.com/")
+    return {
+        "source": f"{repo}/blob/{branch}/notebooks/{name}.md",
+        "Binder": f"https://mybinder.org/v2/gh/{slug}/{branch}?labpath=notebooks%2F{name}.md",
+        "Colab": f"https://colab.research.google.com/github/{slug}/blob/gh-pages/notebooks/{name}.ipynb",
+    }
+
+
+def launch_line(links: dict[str, str]) -> str:
+    """The line at the top of an executed page that opens its source notebook elsewhere."""
+    return (
+        f"Run this page yourself: [open it in Binder]({links['Binder']}) · [in Colab]({links['Colab']}) (set `pre` "
+        "and `post` to your checkpoints; a GPU runtime is used when present) · "
+        f"[its source notebook]({links['source']})"
+    )
 
 
 def rerun_commands(name: str, profile: str) -> tuple[str, str]:
@@ -120,11 +157,16 @@ def box(rec: dict) -> str:
 
 
 def annotate(path: Path, rec: dict) -> None:
-    """Write ``rec`` into an executed notebook's metadata and append its box as the last cell."""
+    """Write ``rec`` into an executed notebook's metadata, put the launch line under its first markdown cell (the
+    title and introduction) and append its box as the last cell."""
     import nbformat
 
     nb = nbformat.read(str(path), as_version=4)
     nb.metadata[KEY] = rec
+    launch = nbformat.v4.new_markdown_cell(launch_line(rec["links"]))
+    launch["id"] = f"{rec['page']}-launch"
+    first = next((i for i, c in enumerate(nb.cells) if c.cell_type == "markdown"), -1)
+    nb.cells.insert(first + 1, launch)
     cell = nbformat.v4.new_markdown_cell(box(rec))
     cell["id"] = f"{rec['page']}-provenance"
     nb.cells.append(cell)

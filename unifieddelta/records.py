@@ -203,3 +203,48 @@ def scores(frame, *, primary: bool = True):
     """The score rows of a table: each task's headline metric only (``evaluate.PRIMARY``) unless ``primary=False``."""
     rows = frame[frame.quantity == "score"]
     return rows[rows["primary"] == True] if primary else rows  # noqa: E712 - a column of True/False/None
+
+
+#: What each column of the tidy table means (the Data page prints this), and of the tables derived from it that the
+#: pages' figures draw: ``tables.per_trial`` (one row per trial) and ``uncertainty.change_table`` (intervals).
+COLUMN_DOCS = {
+    "pair": "the pair: a zoo name, a packaged pair, or 'pre -> post' checkpoints ('(loss: DATA)': other loss data)",
+    "method": "the edit (edits.EDITS): dare, drop_only, bitdelta, low_rank, magnitude_trim, extrapolate, ...",
+    "edit": "the edit and the settings that differ from its defaults, e.g. dare(p=0.5); [linear]: some tensors only",
+    "p": "DARE's drop rate (dare, drop_only); Table 1's reweighted share (sign_biased, product_biased: measured)",
+    "k": "the multiplier of the dropped (or reweighted) entries: 0 is DARE, 1 the identity",
+    "bits": "BitDelta's magnitude bits: 2^bits magnitude-sorted blocks per matrix",
+    "scale": "BitDelta's magnitude as a multiple of mean |ΔW|",
+    "magnitudes": "BitDelta's magnitudes: mean (one per matrix), normal (folded) or uniform draws with that mean",
+    "rank": "low rank's rank: a fraction of min(m, n), or an integer",
+    "keep": "magnitude trimming's kept fraction of entries",
+    "alpha": "extrapolation length: W_post + alpha·ΔW (-1 is the pre-trained model, 0 the post-trained one)",
+    "sigma": "a Gaussian perturbation's size, relative to each tensor's rms delta",
+    "svd": "low rank's SVD: exact or randomized",
+    "seed": "the seed of a random edit (its mask or draw); 0 for a deterministic edit",
+    "scope": "which tensors the edit touches: all, matrices, or linear (the linear layers inside the blocks)",
+    "quantity": "term, first_order, loss, loss_change, second_order, score, d_norm, delta_norm, tensor_term",
+    "task": "a score's task (the project's lm-eval tasks, a vision task, the embedding scores, preference)",
+    "metric": "a score's metric (exact_match, acc, cosine, ...)",
+    "filter": "a score's lm-eval filter",
+    "primary": "whether the score is its task's headline metric (the one the pages use)",
+    "value": "the quantity's value: nats for losses and terms, share correct for scores",
+    "stderr": "a score's standard error as lm-eval reports it (binomial; not the book's paired interval)",
+    "tensor": "a tensor_term's tensor name",
+    "rule": "the term's quadrature rule (left: the paper's; right, midpoint, trapezoid, gauss)",
+    "points": "the term's number of points C (the paper's: 5)",
+    "mode": "how the term's nodes are computed: grad (backward passes) or jvp (forward-mode)",
+    "seconds": "the wall time the record took when it was measured",
+    "trial": "the trial's key in the store: a hash of its pair, edit, settings and seed",
+    "term": "per trial: the paper's approximation term (left rule, C = 5, grad mode), nats",
+    "first_order": "per trial: the t = 0 node alone, <∇L(W_post), D>, nats",
+    "loss": "per trial: the loss at W_post, nats",
+    "loss_change": "per trial: the exact L(W_post + D) - L(W_post), nats",
+    "second_order": "per trial: ½·DᵀHD at W_post, nats",
+    "d_norm": "per trial: ‖D‖ over the edited tensors",
+    "score_change": "per trial: the mean score over the pair's tasks, minus the post-trained model's",
+    "low": "an interval's lower end (95%: paired bootstrap over questions and masks, or Student's t over masks)",
+    "high": "an interval's upper end",
+    "n": "an interval's questions per task (the fewest any task has)",
+    "draws": "an interval's masks, seeds or draws",
+}

@@ -282,3 +282,16 @@ def ranks_used(stats, fractions: Sequence[float]):
     dims = sorted({min(s) for s in stats["shape"] if len(s) == 2})
     rows = {f"{f:g}": {f"min(m, n) = {d}": resolve_rank(float(f), (d, d)) for d in dims} for f in fractions}
     return pd.DataFrame(rows).T.rename_axis("rank fraction")
+
+
+def histogram(frame, x: str, by: Sequence[str], bins: int = 60):
+    """Counts of ``x`` in ``bins`` equal-width bins over its whole range, per group of ``by``: the rows a histogram
+    figure draws (its CSV), without the samples themselves. Used by: delta."""
+    edges = np.linspace(float(frame[x].min()), float(frame[x].max()), bins + 1)
+    rows = []
+    for key, part in frame.groupby(list(by), sort=False):
+        counts, _ = np.histogram(part[x], bins=edges)
+        key = key if isinstance(key, tuple) else (key,)
+        rows += [{**dict(zip(by, key)), "bin_low": lo, "bin_high": hi, "count": int(c)}
+                 for lo, hi, c in zip(edges[:-1], edges[1:], counts)]  # fmt: skip
+    return pd.DataFrame(rows)
