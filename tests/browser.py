@@ -19,12 +19,31 @@ frame.addEventListener("load", () => setTimeout(() => {{
   const doc = frame.contentDocument;
   const images = Array.from(doc.images);
   const text = doc.body.innerText;
+  const folded = doc.querySelector("details.hide");
+  let opens = null;
+  if (folded) {{
+    const code = folded.querySelector(".cell_input, pre");
+    const before = folded.open;
+    folded.querySelector("summary").click();
+    opens = !before && folded.open && code !== null && code.getClientRects().length > 0;
+  }}
+  const csv = Array.from(doc.querySelectorAll("a.download")).map(a => a.href).filter(h => h.endsWith(".csv"));
+  const links = csv.map(h => {{
+    const r = new XMLHttpRequest(); r.open("GET", h, false); r.send();
+    return {{href: h, status: r.status, header: r.status === 200 ? r.responseText.split("\\n")[0] : ""}};
+  }});
+  const anchors = Array.from(doc.querySelectorAll("a")).map(a => ({{text: a.textContent, href: a.href}}));
   document.getElementById("out").textContent = "RESULT" + JSON.stringify({{
     math: doc.querySelectorAll("mjx-container").length,
     images: images.length,
     broken: images.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.getAttribute("src")),
     traceback: /Traceback \\(most recent call last\\)|Error: |Exception: /.test(text),
     title: doc.title,
+    provenance: (doc.body.textContent.match(/About this page[\\s\\S]*?from commit ([0-9a-f]{{7,}}|unknown)/) || [null, null])[1],
+    folded: doc.querySelectorAll("details.hide").length,
+    opens: opens,
+    csv: links,
+    launch: anchors.filter(a => /Binder|Colab|source notebook/.test(a.text)).map(a => a.href),
   }}) + "END";
 }}, 4000));
 </script></body></html>"""
@@ -35,7 +54,9 @@ def chromium() -> str | None:
 
 
 def inspect(html_root: Path, pages: list[str]) -> dict[str, dict]:
-    """page (relative path) -> {math, images, broken, traceback, title}, as Chromium saw it."""
+    """page (relative path) -> {math, images, broken, traceback, title, provenance (the commit its box names),
+    folded (hidden code cells), opens (whether the first one opened when clicked), csv (each data link: href,
+    HTTP status, header line), launch (the launch links' targets)}, as Chromium saw it."""
     html_root = Path(html_root)
     handler = functools.partial(_QuietHandler, directory=str(html_root))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)

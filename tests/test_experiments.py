@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import gpt2_pair
 
-from unifieddelta import approx, deltas, experiments, losses
+from unifieddelta import approx, deltas, experiments, kinds, losses
 from unifieddelta.errors import CheckpointError, InvalidParameterError
 
 ALL = ("term", "loss_change", "second_order", "scores")
@@ -80,7 +80,7 @@ def test_measured_values_match_independent_computations(lm, tmp_path):
     pre, post = lm.folders()
     model = AutoModelForCausalLM.from_pretrained(post).eval()
     tok = AutoTokenizer.from_pretrained(post)
-    loss = experiments.KINDS["lm"].loss(experiments.Session(lm, "cpu", "float32", False), None)
+    loss = kinds.KINDS["lm"].loss(experiments.Session(lm, "cpu", "float32", False), None)
     for t in ts:
         rows = table[table.trial == t.key].set_index("quantity")
         d = deltas.direction(pre, model, t.method, seed=t.seed, **t.params)
@@ -117,7 +117,7 @@ def test_measured_values_match_independent_computations(lm, tmp_path):
 def test_a_second_run_comes_from_the_store_and_a_grown_grid_computes_only_the_new(lm, tmp_path, monkeypatch):
     measured = []
     real = experiments._measure_trial
-    monkeypatch.setattr(experiments, "_measure", lambda s, t, q, st: (measured.append(t.key), real(s, t, q, st)))
+    monkeypatch.setattr(experiments, "_measure_trial", lambda s, t, q, st: (measured.append(t.key), real(s, t, q, st)))
     grid = experiments.grid(lm, "dare", {"p": [0.1, 0.5]}, seeds=[0, 1])
     first = experiments.run(grid, store=tmp_path, progress=False)
     assert len(measured) == 4
@@ -152,7 +152,7 @@ def test_references_are_pre_and_post(lm, tmp_path):
     table = experiments.run(experiments.references(lm, measure=("loss_change",)), store=tmp_path, progress=False)
     change = table[table.quantity == "loss_change"].set_index("edit")["value"]
     assert change["extrapolate(alpha=0.0)"] == 0.0
-    loss = experiments.KINDS["lm"].loss(experiments.Session(lm, "cpu", "float32", False), None)
+    loss = kinds.KINDS["lm"].loss(experiments.Session(lm, "cpu", "float32", False), None)
     with torch.no_grad():
         want = float(loss(AutoModelForCausalLM.from_pretrained(pre))) - float(
             loss(AutoModelForCausalLM.from_pretrained(post))
@@ -282,7 +282,7 @@ def test_a_zoo_language_pair_takes_its_loss_on_some_of_its_tasks(lm, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(lm.folders()[1]).eval()
 
     def loss_of(p):
-        return experiments.KINDS["lm"].loss(experiments.Session(p, "cpu", "float32", False), None)
+        return kinds.KINDS["lm"].loss(experiments.Session(p, "cpu", "float32", False), None)
 
     whole = loss_of(lm)
     parts = [loss_of(experiments.pair("tiny-lm", smoke=True, loss_data=f"task:{t}")) for t in generate.TASKS]
@@ -298,3 +298,56 @@ def test_a_zoo_language_pair_takes_its_loss_on_some_of_its_tasks(lm, tmp_path):
         experiments.pair("tiny-lm", smoke=True, loss_data="task:nope")
     with pytest.raises(InvalidParameterError, match="task:NAME"):
         experiments.pair("tiny-vit/rot90", smoke=True, loss_data="task:ud_add")
+
+
+def test_per_question_scores_are_stored_and_average_to_the_scores(tmp_path):
+    """Every scores record keeps each task's headline score on every question, for the language, DPO and vision
+    kinds; the question table reads them back, and their mean is the score the tidy table reports."""
+    dpo = experiments.pair("tiny-lm-dpo", smoke=True)
+    vit = experiments.pair("tiny-vit/rot90", smoke=True)
+    ts = [
+        experiments.trial(
+            dpo, "extrapolate", {"alpha": 0.0}, measure=("scores",), limit=3, tasks=["ud_add", "preference"]
+        ),
+        experiments.trial(vit, "dare", {"p": 0.5}, 1, measure=("scores",), limit=40),
+    ]
+    table = experiments.run(ts, store=tmp_path, progress=False)
+    questions = experiments.question_table(ts, store=tmp_path)
+    means = questions.groupby(["pair", "task"]).value.mean()
+    heads = experiments.scores(table).set_index(["pair", "task"]).value
+    assert set(means.index) == set(heads.index) == {(dpo.name, "ud_add"), (dpo.name, "preference"), (vit.name, "rot90")}
+    for key, value in heads.items():
+        assert means[key] == pytest.approx(value)
+    assert questions.groupby(["pair", "task"]).size()[(vit.name, "rot90")] == 40
+    assert questions.scoring.nunique() == 2 and set(questions.seed) == {0, 1}
+
+
+def test_two_chapters_sharing_a_record_count_it_once(lm, tmp_path):
+    a = experiments.trial(lm, "dare", {"p": 0.5}, measure=("term",))
+    b = experiments.trial(lm, "dare", {"p": 0.5}, measure=("term", "loss_change"))  # the same term record
+    assert a != b and a.record_key("term") == b.record_key("term")
+    table = experiments.run([a, b], store=tmp_path, progress=False)
+    assert (table.quantity == "term").sum() == 1 and (table.quantity == "loss_change").sum() == 1
+
+
+def test_a_scope_is_part_of_the_key_only_when_it_is_not_the_default(lm):
+    """Trials on every tensor keep the keys the store has always had (the hash of the same fields, computed here
+    independently); a trial on the linear layers is another trial, labelled as such."""
+    from unifieddelta import edits
+    from unifieddelta.cache import stable_hash
+
+    t = experiments.trial(lm, "bitdelta", {}, measure=("term",))
+    fields = (
+        "trial",
+        experiments.STORE_VERSION,
+        lm.identity(),
+        "bitdelta",
+        t.params_json,
+        0,
+        edits.spec("bitdelta").version,
+    )
+    assert t.key == stable_hash(*fields, None)
+    linear = experiments.trial(lm, "bitdelta", {}, measure=("term",), scope="linear")
+    assert linear.key != t.key and linear.label == "bitdelta() [linear]"
+    with pytest.raises(InvalidParameterError, match="unknown scope 'inner'"):
+        experiments.trial(lm, "bitdelta", {}, scope="inner")

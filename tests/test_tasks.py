@@ -10,7 +10,7 @@ import yaml
 from unifieddelta.errors import DataUnavailableError, InvalidParameterError
 from unifieddelta.tasks import check_tasks, generate, materialize, task_names
 
-N_TEST = 100
+N_TEST = generate.N_TEST
 
 
 def test_at_least_four_tasks_of_both_kinds():

@@ -64,11 +64,11 @@ def classes(sorted_edits, *, full: float = 0.8, partly: float = 0.5) -> Verdict:
 def kfamily(changes, *, tolerance: float = 0.02) -> Verdict:
     """Finding 2, from ``uncertainty.change_table`` rows of DARE's k-family (columns p, k) on one pair: every
     setting with |k| ≤ 0.5 and |kp| < 0.5 (the paper's "k and kp small") stays within ``tolerance`` of the
-    post-trained model, and so do its sign flips (k < 0 in that range)."""
+    post-trained model — two parts: the members with k ≥ 0, and the sign flips (k < 0 in that range)."""
     rows = changes[(changes.task == "mean") & changes.k.notna()]
     small = lambda r: abs(r.k) <= 0.5 + 1e-9 and abs(r.k * r.p) < 0.5
     parts = {}
-    for name, scope in (("small k and kp", small), ("sign flips", lambda r: small(r) and r.k < 0)):
+    for name, scope in (("k ≥ 0", lambda r: small(r) and r.k >= 0), ("sign flips", lambda r: small(r) and r.k < 0)):
         grid = verdicts.tolerance_grid(rows, "p", "k", tolerance=tolerance, scope=scope)
         parts[name] = (grid.word, grid.sentence)
     outcome = {

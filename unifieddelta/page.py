@@ -135,9 +135,8 @@ def attach(filename: str, content: bytes, markdown: str = "") -> None:
 
 
 def _plain_index(frame) -> bool:
-    import pandas as pd
-
-    return frame.index.name is None and frame.index.equals(pd.RangeIndex(len(frame)))
+    """An index that only numbers the rows (no name): left out of the CSV."""
+    return all(name is None for name in frame.index.names)
 
 
 def show_figure(fig, data, name: str) -> None:
