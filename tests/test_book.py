@@ -79,8 +79,10 @@ def test_every_notebook_declares_the_conventions():
         assert not any(c.get("outputs") for c in nb.cells if c.cell_type == "code"), f"{name}: committed outputs"
         params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
         assert len(params) == 1 and "remove-cell" in params[0].metadata["tags"], name
-        setup = next(c for c in nb.cells if c.cell_type == "code" and "parameters" not in c.metadata.get("tags", []))
-        assert {"remove-cell", "remove-input"} & set(setup.metadata.get("tags", [])), f"{name}: setup cell shown"
+        code = [c for c in nb.cells if c.cell_type == "code" and "parameters" not in c.metadata.get("tags", [])]
+        install, setup = code[0], code[1]  # the install cell (for Colab and Binder), then the page's setup
+        assert "%pip install" in install.source and "remove-cell" in install.metadata["tags"], name
+        assert {"hide-cell", "hide-input"} & set(setup.metadata.get("tags", [])), f"{name}: setup cell not folded"
         lines = [line for line in setup.source.splitlines() if line.strip()]
         assert len(lines) <= 6, f"{name}: setup cell of {len(lines)} lines"
         if name in chapters.PLANS:
