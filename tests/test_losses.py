@@ -104,3 +104,22 @@ def test_dpo_loss(model):
         assert float(loss(model)) == pytest.approx(want / len(triples), rel=1e-10)
     with pytest.raises(InvalidParameterError, match="beta"):
         losses.dpo_loss(other, triples, beta=0)
+
+
+def test_answer_logprobs_project_only_the_answers_yet_match_the_whole_sequence():
+    """The output layer at the labelled positions only (Llama, GPT-2) gives the log-probabilities and the gradients
+    of the whole-sequence path, which any other architecture takes."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=1, n_head=2)).double().eval()
+    for net in (f64_llama(), gpt2):
+        assert net.config.model_type in losses.HEAD_APART
+        batch = losses.pad_rows([losses.encode_pair(p, a, None, None) for p, a in token_pairs(5)], 0)
+        fast = losses.answer_logprobs(net, batch, chunk=2)
+        whole = losses.token_logprobs(net, batch)[0].sum(-1)
+        torch.testing.assert_close(fast, whole, rtol=1e-12, atol=1e-12)
+        grads = [torch.autograd.grad(v.sum(), list(net.parameters()), allow_unused=True) for v in (fast, whole)]
+        for g_fast, g_whole in zip(*grads):
+            if g_whole is not None:
+                torch.testing.assert_close(g_fast, g_whole, rtol=1e-10, atol=1e-12)

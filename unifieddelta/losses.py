@@ -58,7 +58,7 @@ def _chunks(items: Sequence, size: int) -> list[Sequence]:
 # ---------------------------------------------------------------------------------------------- causal LM
 
 
-def _encode(prompt, answer, tokenizer, max_length: int | None) -> tuple[list[int], list[int]]:
+def encode_pair(prompt, answer, tokenizer, max_length: int | None) -> tuple[list[int], list[int]]:
     """Token ids of prompt + answer and their labels (IGNORE on the prompt); strings need a tokenizer."""
     if isinstance(prompt, str) or isinstance(answer, str):
         if tokenizer is None:
@@ -73,7 +73,7 @@ def _encode(prompt, answer, tokenizer, max_length: int | None) -> tuple[list[int
     return ids, labels
 
 
-def _pad(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+def pad_rows(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch: input_ids, attention_mask, labels (IGNORE on padding)."""
     n = max(len(ids) for ids, _ in rows)
     ids = torch.tensor([i + [pad_id] * (n - len(i)) for i, _ in rows])
@@ -93,6 +93,39 @@ def token_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
     return logp * mask, mask
 
 
+#: Architectures whose logits are the output layer applied to the base model's last hidden state (Gemma: with its
+#: optional soft cap), so the output layer can be applied at the answer positions only.
+HEAD_APART = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gpt2")
+
+
+def answer_logprobs(model: nn.Module, batch: dict[str, torch.Tensor], *, chunk: int = 512) -> torch.Tensor:
+    """Per row of ``batch``, the summed log-probability of its labelled tokens: ``token_logprobs(...)[0].sum(-1)``.
+
+    For the architectures of ``HEAD_APART`` only the labelled positions go through the output layer, ``chunk`` at a
+    time: with a large vocabulary (Gemma's 262k rows) that is most of a forward and backward pass saved, and the
+    logits stay small. Other models take the whole-sequence path.
+    """
+    if getattr(model.config, "model_type", None) not in HEAD_APART:
+        return token_logprobs(model, batch)[0].sum(-1)
+    dev = _device(model)
+    hidden = model.base_model(
+        input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev)
+    ).last_hidden_state
+    labels = batch["labels"][:, 1:].to(dev)
+    rows, cols = (labels != IGNORE).nonzero(as_tuple=True)
+    states, targets = hidden[:, :-1][rows, cols], labels[rows, cols]
+    head, cap = model.get_output_embeddings(), getattr(model.config, "final_logit_softcapping", None)
+    parts = []
+    for i in range(0, len(states), chunk):
+        logits = head(states[i : i + chunk])
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # softmax in >= float32
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        parts.append(torch.log_softmax(logits, -1).gather(-1, targets[i : i + chunk, None])[:, 0])
+    logp = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+    return logp.new_zeros(len(labels)).index_add(0, rows, logp)
+
+
 def causal_lm_nll(
     pairs: Sequence[tuple], tokenizer=None, *, batch_size: int = 8, max_length: int | None = None
 ) -> BatchLoss:
@@ -101,14 +134,13 @@ def causal_lm_nll(
     Pairs are strings (with a tokenizer; the prompt gets the tokenizer's special tokens, the answer none) or
     lists of token ids. This is how the paper's term is computed on GSM8K (question → worked answer).
     """
-    rows = [_encode(p, a, tokenizer, max_length) for p, a in pairs]
+    rows = [encode_pair(p, a, tokenizer, max_length) for p, a in pairs]
     pad_id = getattr(tokenizer, "pad_token_id", None) or 0
-    batches = [_pad(list(chunk), pad_id) for chunk in _chunks(rows, batch_size)]
+    batches = [pad_rows(list(chunk), pad_id) for chunk in _chunks(rows, batch_size)]
     total = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
 
     def batch_sum(model, batch):
-        logp, _ = token_logprobs(model, batch)
-        return -logp.sum()
+        return -answer_logprobs(model, batch).sum()
 
     return BatchLoss(batches, batch_sum, total, "causal_lm_nll")
 
@@ -157,14 +189,13 @@ def dpo_loss(
     pad_id = getattr(tokenizer, "pad_token_id", None) or 0
     batches = []
     for chunk in _chunks(list(triples), batch_size):  # one batch: the chosen rows, then the rejected rows
-        rows = [_encode(p, c, tokenizer, max_length) for p, c, _ in chunk]
-        rows += [_encode(p, r, tokenizer, max_length) for p, _, r in chunk]
-        batches.append(_pad(rows, pad_id))
+        rows = [encode_pair(p, c, tokenizer, max_length) for p, c, _ in chunk]
+        rows += [encode_pair(p, r, tokenizer, max_length) for p, _, r in chunk]
+        batches.append(pad_rows(rows, pad_id))
     ref_cache: dict[int, torch.Tensor] = {}
 
     def seq_logp(model, batch):
-        logp, _ = token_logprobs(model, batch)
-        return logp.sum(-1)
+        return answer_logprobs(model, batch)
 
     def batch_sum(model, batch):
         key = id(batch)
@@ -185,7 +216,7 @@ def preference_margins(model: nn.Module, loss: BatchLoss) -> torch.Tensor:
     preference accuracy is the share above zero."""
     out = []
     for batch in loss.batches:  # one batch: the chosen rows, then the rejected rows
-        logp = token_logprobs(model, batch)[0].sum(-1)
+        logp = answer_logprobs(model, batch)
         n = len(logp) // 2
         out.append((logp[:n] - logp[n:]).double().cpu())
     return torch.cat(out)
