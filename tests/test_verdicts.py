@@ -143,3 +143,17 @@ def test_classify_counts_each_mask_once_and_applies_one_rule():
     assert out.loc["low_rank", "paper"] == "—" and out.loc["low_rank", "agree"] == "—"
     summary = classes.class_summary(out.reset_index())
     assert summary.set_index("method").loc["low_rank", "unclaimed"] == 1
+
+
+def test_disagreements_name_each_setting_and_scope():
+    rows = [
+        ["x", "dare(p=0.9)", "dare", "decreased", "competitive", "no"],
+        ["x", "bitdelta() [linear]", "bitdelta", "competitive", "decreased", "no"],
+        ["x", "low_rank(rank=0.1)", "low_rank", "decreased", "decreased", "yes"],
+    ]
+    frame = pd.DataFrame(rows, columns=["pair", "edit", "method", "ours", "paper", "agree"])
+    text = classes.disagreements(frame)
+    assert text == (
+        "dare on x at p=0.9 (decreased; the paper: competitive); bitdelta on x at linear (competitive; the paper: decreased)"
+    )
+    assert classes.disagreements(frame[frame.agree == "yes"]) == "none"

@@ -15,7 +15,7 @@ from typing import Sequence
 import pandas as pd
 
 from . import experiments, uncertainty
-from .tables import is_reference, paper_terms
+from .tables import PAPER_RULE, is_reference, paper_terms
 from .verdicts import UNDECIDED
 
 #: The paper's classes, by the sign of the term (§4-6): its claim for each edit, where it makes one.
@@ -83,13 +83,14 @@ def our_class(terms: Sequence[float], loss: float, tolerance: float = 0.01) -> t
 CLASS_COLUMNS = ["pair", "edit", "method", "seeds", "term", "term_low", "term_high", "loss_change", "ours", "paper"]
 
 
-def classify(frame, trials: Sequence[experiments.Trial], *, tolerance: float = 0.01):
-    """One row per pair and edit (settings; seeds as the draws): the paper's term (mean and interval over masks),
+def classify(frame, trials: Sequence[experiments.Trial], *, tolerance: float = 0.01, rule: dict = PAPER_RULE):
+    """One row per pair and edit (settings; seeds as the draws): the term taken with ``rule`` (default the paper's
+    left C = 5; its mean and interval over masks),
     the exact change, our class (:func:`our_class`), the paper's class (:func:`paper_class`), and whether they
     agree (``undecided`` where our interval cannot tell). Used by: classification, minilm, reproduction."""
     kinds = {t.pair.name: t.pair.kind for t in trials}
     params = {t.key: t.params for t in trials}
-    terms = paper_terms(frame)
+    terms = paper_terms(frame, rule)
     terms = terms[~is_reference(terms)]
     loss = frame[frame.quantity == "loss"].groupby("pair")["value"].first()
     change = frame[frame.quantity == "loss_change"].groupby(["pair", "edit"])["value"].mean()
@@ -123,13 +124,20 @@ def class_summary(classes):
     return counts.reset_index()
 
 
+def _settings(edit: str, method: str) -> str:
+    """An edit's label without its method: ``dare(p=0.9)`` -> ``p=0.9``, ``bitdelta() [linear]`` -> ``linear``."""
+    inner, _, scope = edit[len(method) + 1 :].partition(")")
+    parts = [inner, scope.strip(" []")]
+    return ", ".join(part for part in parts if part) or "default settings"
+
+
 def disagreements(classes) -> str:
     """The rows where our class differs from the paper's, in a few words per pair and method.
     Used by: classification, minilm."""
     bad = classes[classes.agree == "no"]
     parts = []
     for (pair, method), rows in bad.groupby(["pair", "method"], sort=False):
-        settings = ", ".join(e[len(method) + 1 : -1] or "default settings" for e in rows.edit)
+        settings = ", ".join(_settings(e, method) for e in rows.edit)
         paper = rows.paper.iloc[0]
         parts.append(f"{method} on {pair} at {settings} ({'/'.join(rows.ours.unique())}; the paper: {paper})")
     return "; ".join(parts) or "none"

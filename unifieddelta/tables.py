@@ -36,10 +36,11 @@ def with_columns(frame, *names):
     return frame.reindex(columns=[*frame.columns, *(n for n in names if n not in frame)])
 
 
-def paper_terms(frame):
-    """The rows of the paper's approximation term (``PAPER_RULE``). Used by: identity, classification."""
-    rule = (frame["rule"] == PAPER_RULE["rule"]) & (frame["points"] == PAPER_RULE["points"])
-    return frame[(frame.quantity == "term") & rule & (frame["mode"] == PAPER_RULE["mode"])]
+def paper_terms(frame, rule: dict = PAPER_RULE):
+    """The rows of the approximation term taken with ``rule`` (rule, points, mode; default the paper's
+    ``PAPER_RULE``). Used by: identity, classification, gemma."""
+    same = (frame["rule"] == rule["rule"]) & (frame["points"] == rule["points"]) & (frame["mode"] == rule["mode"])
+    return frame[(frame.quantity == "term") & same]
 
 
 def is_reference(frame) -> pd.Series:
@@ -66,17 +67,18 @@ def reference_scores(frame, pair: str | None = None) -> dict:
     }
 
 
-def per_trial(frame, pair: str | None = None):
-    """One row per trial: its edit and settings, and the paper's left C = 5 term (grad mode), the first-order term,
-    the exact change, the second-order term, ‖D‖, and the score change against post (mean over tasks).
-    Used by: every chapter with trials."""
+def per_trial(frame, pair: str | None = None, rule: dict = PAPER_RULE):
+    """One row per trial: its edit and settings, and the term taken with ``rule`` (default the paper's left C = 5,
+    grad mode), the first-order term, the exact change, the second-order term, ‖D‖, and the score change against
+    post (mean over tasks). Used by: every chapter with trials."""
     frame = frame if pair is None else frame[frame.pair == pair]
     settings = [c for c in frame.columns if c not in experiments.COLUMNS]
     keys = ["pair", "method", "edit", "seed", "scope", "trial"]
     base = frame.drop_duplicates("trial")[keys + settings].set_index("trial")
-    left = (frame.quantity != "term") | ((frame["rule"] == "left") & (frame["points"] == 5) & (frame["mode"] == "grad"))
+    ruled = (frame["rule"] == rule["rule"]) & (frame["points"] == rule["points"]) & (frame["mode"] == rule["mode"])
+    keep = (frame.quantity != "term") | ruled
     wanted = ["term", "first_order", "loss_change", "second_order", "d_norm", "loss"]
-    values = frame[left & frame.quantity.isin(wanted)].pivot_table(
+    values = frame[keep & frame.quantity.isin(wanted)].pivot_table(
         index="trial", columns="quantity", values="value", aggfunc="first"
     )
     out = base.join(values)
