@@ -70,7 +70,7 @@ def test_recipe_change_rebuilds_only_later_stages():
 
 def test_fields_added_later_keep_old_keys_until_changed():
     # init_std / pre_task were added after caches were built: at their old value they are not hashed.
-    from unifieddelta.zoo.recipes import _fields
+    from unifieddelta.zoo.recipes import recipe_fields as _fields
 
     base = {k: v for k, v in TINY_LM.__dict__.items() if k != "init_std"}
     assert "init_std" not in _fields(LMRecipe(**base, init_std=0.02), ("",))

@@ -1,10 +1,12 @@
 """The embedded default model pairs, trained here on first use and cached by a hash of their recipe.
 
 Names: ``tiny-lm`` (pre-trained → SFT at the default width), ``tiny-lm/<width>`` (the same recipe at another
-width), ``tiny-lm-dpo`` (SFT → DPO) and ``tiny-vit/<task>`` (pre-trained backbone with a linear head → the
-fine-tune on that task). ``load_pair(name)`` returns the two checkpoint folders, ready for ``from_pretrained``
-or for ``unifieddelta edit --pre … --post …``. Any name may carry recipe changes in brackets,
-``tiny-lm[sft_lr=5e-5]``: the same pair trained with those fields changed (cached under its own key).
+width), ``tiny-lm-dpo`` (SFT → DPO), ``tiny-vit/<task>`` (pre-trained backbone with a linear head → the
+fine-tune on that task), and a real pretrained LM post-trained here: ``gemma-270m`` (Gemma-3-270m's base → its full
+SFT on the project's tasks) and ``gemma-270m-dpo`` (that SFT → DPO; ``gemma``). ``load_pair(name)`` returns the
+two checkpoint folders, ready for ``from_pretrained`` or for ``unifieddelta edit --pre … --post …``. Any name may
+carry recipe changes in brackets, ``tiny-lm[sft_lr=5e-5]``: the same pair trained with those fields changed (cached
+under its own key).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from pathlib import Path
 from ..errors import InvalidParameterError
 from ..settings import parse_settings
 from ..tasks.digits import TASKS as VISION_TASKS
-from . import lm, vit
+from . import gemma, lm, vit
+from .gemma import GemmaRecipe
 from .recipes import LMRecipe, ViTRecipe
 from .store import read_manifest
 
@@ -54,7 +57,7 @@ SMOKE_VIT = ViTRecipe(width=16, layers=1, heads=2, pre_steps=10, pre_batch=32, f
 
 def names(*, widths: bool = True) -> list[str]:
     """Every name ``load_pair`` knows; the default pairs first."""
-    out = ["tiny-lm", "tiny-lm-dpo"] + [f"tiny-vit/{t}" for t in VISION_TASKS]
+    out = ["tiny-lm", "tiny-lm-dpo"] + [f"tiny-vit/{t}" for t in VISION_TASKS] + list(gemma.NAMES)
     if widths:
         out += [f"tiny-lm/{w}" for w in LM_WIDTHS]
     return out
@@ -99,7 +102,9 @@ def recipe_for(name: str, *, smoke: bool = False) -> LMRecipe | ViTRecipe:
     """
     base, changes = split_name(name)
     recipe = _default_recipe(base)
-    if smoke:
+    if smoke and isinstance(recipe, GemmaRecipe):
+        recipe = gemma.SMOKE
+    elif smoke:
         smoke_recipe = SMOKE_VIT if isinstance(recipe, ViTRecipe) else SMOKE_LM
         if isinstance(recipe, LMRecipe) and recipe.width != DEFAULT_WIDTH:
             doublings = (recipe.width // DEFAULT_WIDTH).bit_length() - 1
@@ -108,9 +113,11 @@ def recipe_for(name: str, *, smoke: bool = False) -> LMRecipe | ViTRecipe:
     return with_overrides(recipe, changes) if changes else recipe
 
 
-def _default_recipe(name: str) -> LMRecipe | ViTRecipe:
+def _default_recipe(name: str) -> LMRecipe | ViTRecipe | GemmaRecipe:
     if name in ("tiny-lm", "tiny-lm-dpo"):
         return LM_WIDTHS[DEFAULT_WIDTH]
+    if name in gemma.NAMES:
+        return GemmaRecipe()
     kind, _, arg = name.partition("/")
     if kind == "tiny-lm" and arg:
         try:
@@ -128,7 +135,12 @@ def pair_kind(name: str) -> str:
     """The pair kind (``kinds.KINDS``) of a zoo name: ``dpo`` for the SFT -> DPO pair, ``vision`` for a ViT pair,
     ``lm`` otherwise."""
     base = split_name(name)[0]
-    return "dpo" if base == "tiny-lm-dpo" else "vision" if base.startswith("tiny-vit/") else "lm"
+    return "dpo" if base.endswith("-dpo") else "vision" if base.startswith("tiny-vit/") else "lm"
+
+
+def _stages(base: str) -> tuple[str, str]:
+    """The two checkpoints of a language pair: SFT → DPO for the DPO pairs, else pre → SFT."""
+    return ("sft", "dpo") if base.endswith("-dpo") else ("pre", "sft")
 
 
 def recipe_keys(name: str, recipe: LMRecipe | ViTRecipe) -> list[str]:
@@ -136,7 +148,7 @@ def recipe_keys(name: str, recipe: LMRecipe | ViTRecipe) -> list[str]:
     base = split_name(name)[0]
     if base.startswith("tiny-vit/"):
         return [recipe.key("task", base.partition("/")[2])]
-    return [recipe.key(s) for s in (("sft", "dpo") if base == "tiny-lm-dpo" else ("pre", "sft"))]
+    return [recipe.key(s) for s in _stages(base)]
 
 
 def load_pair(name: str, *, recipe: LMRecipe | ViTRecipe | None = None, progress: bool = False) -> tuple[Path, Path]:
@@ -151,9 +163,8 @@ def load_pair(name: str, *, recipe: LMRecipe | ViTRecipe | None = None, progress
     name = split_name(name)[0]
     if isinstance(recipe, ViTRecipe):
         return vit.build(recipe, name.partition("/")[2], progress=progress)
-    if name == "tiny-lm-dpo":
-        return lm.build(recipe, "sft", progress=progress), lm.build(recipe, "dpo", progress=progress)
-    return lm.build(recipe, "pre", progress=progress), lm.build(recipe, "sft", progress=progress)
+    build = gemma.build if isinstance(recipe, GemmaRecipe) else lm.build
+    return tuple(build(recipe, stage, progress=progress) for stage in _stages(name))
 
 
 def describe(name: str, *, recipe: LMRecipe | ViTRecipe | None = None) -> dict:
@@ -175,8 +186,8 @@ def describe(name: str, *, recipe: LMRecipe | ViTRecipe | None = None) -> dict:
         }
     from .store import entry_path
 
-    stages = ("sft", "dpo") if name == "tiny-lm-dpo" else ("pre", "sft")
-    paths = [entry_path(f"lm-{s}", recipe.key(s)) for s in stages]
+    prefix = "gemma" if isinstance(recipe, GemmaRecipe) else "lm"
+    paths = [entry_path(f"{prefix}-{s}", recipe.key(s)) for s in _stages(name)]
     manifests = [read_manifest(p) for p in paths]
     return {
         "name": name,
@@ -206,10 +217,9 @@ def model_card(name: str, *, smoke: bool = False) -> dict:
         "width": config.get("hidden_size"),
         "heads": config.get("num_attention_heads"),
     }
-    if isinstance(recipe, LMRecipe):
+    if isinstance(recipe, (LMRecipe, GemmaRecipe)):
         card["vocabulary"] = config.get("vocab_size")
-        stages = ("sft", "dpo") if split_name(name)[0] == "tiny-lm-dpo" else ("pre", "sft")
-        card["training"] = "; ".join(_stage_text(recipe, s) for s in stages)
+        card["training"] = "; ".join(_stage_text(recipe, s) for s in _stages(split_name(name)[0]))
     else:
         card["vocabulary"] = None
         card["training"] = (
@@ -221,7 +231,9 @@ def model_card(name: str, *, smoke: bool = False) -> dict:
     return card
 
 
-def _stage_text(recipe: LMRecipe, stage: str) -> str:
+def _stage_text(recipe: LMRecipe | GemmaRecipe, stage: str) -> str:
+    if stage == "pre" and isinstance(recipe, GemmaRecipe):
+        return "pre: Gemma-3-270m, the pretrained base (its Q4_K_M release, upcast to float32)"
     if stage == "pre":
         return (
             f"pre-training: {recipe.pre_steps} steps × {recipe.pre_batch} documents of statements, lr {recipe.pre_lr:g}"
@@ -236,6 +248,7 @@ def _stage_text(recipe: LMRecipe, stage: str) -> str:
 
 
 __all__ = [
+    "GemmaRecipe",
     "LMRecipe",
     "ViTRecipe",
     "load_pair",

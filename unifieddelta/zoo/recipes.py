@@ -13,7 +13,7 @@ from ..cache import stable_hash
 from ..tasks.generate import N_TEST
 
 
-def _fields(recipe, prefixes: tuple[str, ...], exclude: tuple[str, ...] = ()) -> dict:
+def recipe_fields(recipe, prefixes: tuple[str, ...], exclude: tuple[str, ...] = ()) -> dict:
     """The recipe's fields whose names start with one of ``prefixes`` (``""`` matches all), minus ``exclude``.
 
     A field added after entries were built (listed in the recipe's ``_LATER``) is hashed only when it differs
@@ -76,7 +76,7 @@ class LMRecipe:
         if stage not in stages:
             raise ValueError(f"unknown stage {stage!r}")
         later = stages[stages.index(stage) + 1 :]
-        return stable_hash("tiny-lm", stage, DATA_VERSION, _fields(self, ("",), tuple(f"{s}_" for s in later)))
+        return stable_hash("tiny-lm", stage, DATA_VERSION, recipe_fields(self, ("",), tuple(f"{s}_" for s in later)))
 
 
 @dataclass(frozen=True)
@@ -107,5 +107,5 @@ class ViTRecipe:
         from ..tasks.digits import DATA_VERSION
 
         if stage == "pre":
-            return stable_hash("tiny-vit", "pre", DATA_VERSION, _fields(self, ("",), ("probe_", "ft_")))
-        return stable_hash("tiny-vit", "task", DATA_VERSION, task, _fields(self, ("",)))
+            return stable_hash("tiny-vit", "pre", DATA_VERSION, recipe_fields(self, ("",), ("probe_", "ft_")))
+        return stable_hash("tiny-vit", "task", DATA_VERSION, task, recipe_fields(self, ("",)))
