@@ -30,6 +30,7 @@ CHAPTERS = [
     "classification",
     "predicts",
     "reproduction",
+    "gemma",
     "own_models",
     "setup",
     "data",

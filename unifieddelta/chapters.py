@@ -316,6 +316,34 @@ def minilm(s: Setting, *, compare, loss_pairs, seeds, dare_ps, drop_ps, bits, ra
 
 
 @_chapter
+def gemma(
+    s: Setting, *, compare, dpo_pair, dpo_examples, seeds, dare_ps, ks, k_ps, ranks, keeps, alphas_dpo, rule, points
+):
+    """The paper's core edits on a real pretrained LM post-trained here (``gemma-270m``), and the same edits on
+    ``compare`` (the zoo's LM, trained from scratch on the same SFT data): DARE over p at ``seeds`` masks, the
+    k-family slice ``ks`` × ``k_ps`` (one mask), BitDelta on the linear layers, low rank and trimming, each with the
+    term by ``rule``/``points`` (cheaper than the paper's left C = 5, which DARE at the last of ``k_ps`` and BitDelta
+    also take), the exact change and the scores; EXPO's α on ``dpo_pair`` (DPO loss on ``dpo_examples`` triples)."""
+    paper_rule = dict(measure=ALL[:2], device=s.device, dtype=s.dtype)  # the identity check: left C = 5
+    by_rule = dict(paper_rule, rule=rule, points=int(points))
+    scored = {**by_rule, **s.scoring(), "measure": ("term", "loss_change", "scores")}
+    pairs, trials = [s.the_pair(), *(experiments.pair(c, smoke=s.smoke) for c in compare)], []
+    for p in pairs:
+        trials += experiments.references(p, **{**scored, "measure": ("loss_change", "scores")})
+        trials += experiments.grid(p, "dare", {"p": s.shrink(k_ps)[-1:]}, s.seeds(seeds)[:1], **paper_rule)
+        trials += experiments.grid(p, "bitdelta", {}, scope="linear", **paper_rule)
+        trials += experiments.grid(p, "dare", {"p": s.shrink(dare_ps)}, s.seeds(seeds), **scored)
+        trials += experiments.grid(p, "dare", {"p": s.shrink(k_ps), "k": s.shrink(ks)}, s.seeds(seeds)[:1], **by_rule)
+        trials += experiments.grid(p, "bitdelta", {}, scope="linear", **scored)
+        trials += experiments.grid(p, "low_rank", {"rank": [float(r) for r in s.shrink(ranks)]}, **scored)
+        trials += experiments.grid(p, "magnitude_trim", {"keep": s.shrink(keeps)}, **scored)
+    dpo = experiments.pair(dpo_pair, smoke=s.smoke)
+    expo = {**by_rule, "measure": ALL[:2] + ("scores",), "tasks": ["preference"], "loss_examples": dpo_examples}
+    trials += experiments.grid(dpo, "extrapolate", {"alpha": [-1.0, 0.0, *s.shrink(alphas_dpo)]}, **expo)
+    return Plan("gemma", list(dict.fromkeys(trials)), [*pairs, dpo], {"rule": rule, "points": int(points)})
+
+
+@_chapter
 def classification(s: Setting, *, chapter_params) -> Plan:
     """Every trial the other chapters measure (``chapter_params``: notebook name -> its parameters, given by the
     profile), to be sorted by the sign of the term."""
