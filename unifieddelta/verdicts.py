@@ -16,8 +16,8 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from . import experiments, uncertainty
-from .tables import rank_correlation, reference_scores
+from . import uncertainty
+from .tables import rank_correlation
 
 UNDECIDED = "not distinguishable at this n"
 
@@ -452,28 +452,7 @@ def expectation_check(trials, by: Sequence[str] = ("p",), points: int = 5) -> Ve
     return Verdict(word, sentence, evidence)
 
 
-# ---------------------------------------------------------------------------------------------- the older summaries
-
-
-def safe_until(frame, method: str, setting: str, *, tolerance: float = 0.02, pair: str | None = None) -> dict:
-    """For each value of ``setting`` (in increasing order), the worst task's mean score drop against post (mean
-    over seeds), and the largest value before the first one at which some task loses more than ``tolerance``
-    (point estimates only: figures use it; verdicts use :func:`breaking_point`). Returns {"largest_safe",
-    "first_broken", "worst_drop": Series setting -> drop}. Used by: dare_works."""
-    s = experiments.scores(frame)
-    if pair is not None:
-        s = s[s.pair == pair]
-    post = reference_scores(frame, pair)["post"]
-    rows = s[s.method == method]
-    means = rows.groupby([setting, "task"])["value"].mean().unstack("task")
-    drop = (post[means.columns] - means).max(axis=1).sort_index()
-    largest, broken = None, None
-    for value, worst in drop.items():
-        if worst > tolerance + 1e-12:
-            broken = value
-            break
-        largest = value
-    return {"largest_safe": largest, "first_broken": broken, "worst_drop": drop}
+# ---------------------------------------------------------------------------------------------- summaries
 
 
 def kfamily_pattern(drops) -> dict:
@@ -493,11 +472,6 @@ def kfamily_pattern(drops) -> dict:
     out["rho_p_spread"] = rank_correlation(spread.index, spread.to_numpy())
     out["negative_worst"] = float((worst < 0).mean()) if len(worst) else math.nan
     return out
-
-
-def largest_safe_text(p) -> str:
-    """A largest safe value in words: the value, or that none was safe. Used by: dare_works."""
-    return "none of the measured ones" if p is None or p != p else f"{p:g}"
 
 
 def share_verdict(share, partly: float = 0.5, full: float = 0.8) -> str:
