@@ -2,6 +2,7 @@
 interval that straddles the tolerance gives no verdict)."""
 
 import math
+import zlib
 
 import numpy as np
 import pandas as pd
@@ -43,11 +44,12 @@ def test_breaking_point_at_the_boundary_and_without_a_break():
 
 
 def _question_rows(label_values: dict, n=200, seeds=1):
-    """A question table: label -> per-question probability of a correct answer (drawn once, seeded)."""
+    """A question table: label -> per-question probability of a correct answer (drawn once, seeded by the label:
+    not by hash(), which differs between processes)."""
     rows = []
     for label, share in label_values.items():
         for seed in range(seeds):
-            values = (np.random.default_rng(hash((label, seed)) % 2**32).random(n) < share).astype(float)
+            values = (np.random.default_rng([zlib.crc32(label.encode()), seed]).random(n) < share).astype(float)
             rows += [
                 {"edit": label, "seed": seed, "task": "t", "question": i, "value": v} for i, v in enumerate(values)
             ]
@@ -96,6 +98,8 @@ def test_our_class_is_one_rule_with_its_interval():
     assert classes.our_class([-0.03], loss)[0] == "improved"
     assert classes.our_class([0.05, 0.06, 0.07], loss)[0] == "decreased"
     assert classes.our_class([0.0, 0.04, 0.01], loss)[0] == UNDECIDED  # the interval straddles the band's edge
+    assert classes.our_class([0.01, 0.02, 0.03], loss)[0] == UNDECIDED  # from inside the band to above it
+    assert classes.our_class([-0.01, -0.02, -0.03], loss)[0] == UNDECIDED  # from inside the band to below it
     assert classes.our_class([0.001, 0.002, 0.0015], loss)[0] == "competitive"
 
 
