@@ -41,6 +41,10 @@ def test_breaking_point_at_the_boundary_and_without_a_break():
     assert v.word == "harmless at every p measured" and "up to p = 0.2" in v.sentence
     early = _changes([(0.1, -0.1, -0.12, -0.08)])
     assert "not shown to stay within" in verdicts.breaking_point(early, "p").sentence
+    # every broken value is named, not only the first (a reader must not think the rates after it recover)
+    late = _changes([(0.1, 0.0, -0.01, 0.01), (0.8, -0.1, -0.12, -0.08), (0.9, -0.2, -0.22, -0.18)])
+    v = verdicts.breaking_point(late, "p")
+    assert v.word == "breaks at p = 0.8" and "loses more than 2 points at p = 0.8, 0.9" in v.sentence
 
 
 def _question_rows(label_values: dict, n=200, seeds=1):
@@ -161,3 +165,11 @@ def test_disagreements_name_each_setting_and_scope():
         "dare on x at p=0.9 (decreased; the paper: competitive); bitdelta on x at linear (competitive; the paper: decreased)"
     )
     assert classes.disagreements(frame[frame.agree == "yes"]) == "none"
+
+
+def test_extreme_labels_name_ties_together():
+    from unifieddelta import tables
+
+    row = pd.Series({"attention": 0.002634, "MLP": 0.002627, "norm": 0.001, "head": float("nan")})
+    assert tables.extreme_labels(row) == "attention and MLP (0.26%)"
+    assert tables.extreme_labels(row, largest=False) == "norm (0.10%)"

@@ -291,9 +291,13 @@ def boxes(
     return fig
 
 
-def hist(frame: pd.DataFrame, x: str, hue: str, *, xlabel: str | None = None, bins: int = 60, ax=None):
-    """Density histograms (outlines) of ``x`` per ``hue`` value."""
+def hist(
+    frame: pd.DataFrame, x: str, hue: str, *, xlabel: str | None = None, bins: int = 60, ax=None, hue_order=None
+):
+    """Density histograms (outlines) of ``x`` per ``hue`` value; ``hue_order`` fixes each value's color (panels
+    that share a legend must agree on it)."""
     fig, ax = plt.subplots(figsize=(6.0, 3.8)) if ax is None else (ax.figure, ax)
+    order = list(hue_order) if hue_order is not None else list(dict.fromkeys(frame[hue]))
     sns.histplot(
         frame,
         x=x,
@@ -303,7 +307,8 @@ def hist(frame: pd.DataFrame, x: str, hue: str, *, xlabel: str | None = None, bi
         element="step",
         fill=False,
         bins=bins,
-        palette=PALETTE[: frame[hue].nunique()],
+        hue_order=[h for h in order if h in set(frame[hue])],
+        palette=dict(zip(order, PALETTE)),
         ax=ax,
     )
     ax.set_xlabel(xlabel or x)
@@ -361,11 +366,13 @@ def strips(
 def hists(
     frame: pd.DataFrame, x: str, hue: str, panels: str, *, xlabel: str | None = None, bins: int = 60, cols: int = 2
 ):
-    """One panel of :func:`hist` per value of ``panels``, one shared legend."""
+    """One panel of :func:`hist` per value of ``panels``, one shared legend (one color per ``hue`` value in every
+    panel)."""
     keys = list(dict.fromkeys(frame[panels]))
+    order = list(dict.fromkeys(frame[hue]))
     fig, axes = _grid(len(keys), cols, width=4.2, height=3.0, sharex=False)
     for ax, key in zip(axes, keys):
-        hist(frame[frame[panels] == key], x, hue, xlabel=xlabel, bins=bins, ax=ax)
+        hist(frame[frame[panels] == key], x, hue, xlabel=xlabel, bins=bins, ax=ax, hue_order=order)
         ax.set_title(str(key))
     _legend(fig, axes)
     return fig

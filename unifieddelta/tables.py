@@ -36,6 +36,14 @@ def with_columns(frame, *names):
     return frame.reindex(columns=[*frame.columns, *(n for n in names if n not in frame)])
 
 
+def extreme_labels(row, *, largest: bool = True, tie: float = 5e-5) -> str:
+    """The label(s) of a Series at its largest (or smallest) value, with the value as a percentage; labels within
+    ``tie`` of it are named together (``attention and MLP (0.26%)``). Used by: delta."""
+    row = row.dropna()
+    best = row.max() if largest else row.min()
+    return " and ".join(str(k) for k in row.index[(row - best).abs() <= tie]) + f" ({best:.2%})"
+
+
 def paper_terms(frame, rule: dict = PAPER_RULE):
     """The rows of the approximation term taken with ``rule`` (rule, points, mode; default the paper's
     ``PAPER_RULE``). Used by: identity, classification, gemma."""

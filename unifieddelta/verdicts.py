@@ -63,7 +63,8 @@ def breaking_point(changes, setting: str, *, tolerance: float = 0.02, subject: s
         if s != "harmless":
             break
         safe = value
-    broken = next((v for v, s in zip(values, status) if s == "broken"), None)
+    broken_all = [v for v, s in zip(values, status) if s == "broken"]
+    broken = broken_all[0] if broken_all else None
     open_ = [v for v, s in zip(values, status) if s == "undecided"]
     points, n = f"{100 * tolerance:.0f} points", n_text(int(rows.n.min()) if len(rows) else 0, _draws(rows))
     parts = []
@@ -74,7 +75,7 @@ def breaking_point(changes, setting: str, *, tolerance: float = 0.02, subject: s
     else:
         parts.append(f"{subject} is not shown to stay within {points} of the post-trained model at any {setting}")
     if broken is not None:
-        parts.append(f"loses more than {points} at {setting} = {broken:g}")
+        parts.append(f"loses more than {points} at {setting} = {', '.join(f'{v:g}' for v in broken_all)}")
     if open_:
         listed = ", ".join(f"{v:g}" for v in open_)
         parts.append(f"at {setting} = {listed} the interval straddles the tolerance ({UNDECIDED})")
