@@ -121,3 +121,10 @@ def test_change_table_on_a_table_with_a_known_answer():
     assert dare.loc["mean", "draws"] == 2 and dare.loc["mean", "n"] == 10
     ref = out[(out.method == "extrapolate") & (out.task == "mean")]
     assert ref.value.item() == 0.0 and ref.low.item() == 0.0
+
+
+def test_points_never_print_a_negative_zero():
+    from unifieddelta.uncertainty import pts
+
+    assert pts(-0.0004) == "0.0" and pts(0.0004) == "0.0" and pts(-0.012) == "-1.2" and pts(0.012) == "+1.2"
+    assert Interval(-0.007, -0.015, -0.0002).points() == "-0.7 (-1.5 to 0.0)"

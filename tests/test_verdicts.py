@@ -162,7 +162,8 @@ def test_disagreements_name_each_setting_and_scope():
     frame = pd.DataFrame(rows, columns=["pair", "edit", "method", "ours", "paper", "agree"])
     text = classes.disagreements(frame)
     assert text == (
-        "dare on x at p=0.9 (decreased; the paper: competitive); bitdelta on x at linear (competitive; the paper: decreased)"
+        "dare on x at p=0.9 (decreased; the paper: competitive); "
+        "bitdelta on x at linear (competitive; the paper: decreased)"
     )
     assert classes.disagreements(frame[frame.agree == "yes"]) == "none"
 

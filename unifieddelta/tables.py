@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from . import experiments
+from .uncertainty import pts
 
 #: The paper's approximation term: the left Riemann sum with C = 5 points, by backward passes.
 PAPER_RULE = {"rule": "left", "points": 5, "mode": "grad"}
@@ -243,7 +244,7 @@ def interval_table(changes, index: Sequence[str], column: str | None = None):
     of ``index``). Used by: every chapter with scores."""
     cells = changes.assign(
         cell=[
-            f"{100 * v:+.1f} ({100 * lo:+.1f} to {100 * hi:+.1f})"
+            f"{pts(v)} ({pts(lo)} to {pts(hi)})"
             for v, lo, hi in zip(changes.value, changes.low, changes.high)
         ]
     )
@@ -271,7 +272,7 @@ def interval_text(rows) -> str:
     if not len(rows) or rows.value.iloc[0] != rows.value.iloc[0]:
         return "—"
     r = rows.iloc[0]
-    return f"{100 * r.value:+.1f} ({100 * r.low:+.1f} to {100 * r.high:+.1f})"
+    return f"{pts(r.value)} ({pts(r.low)} to {pts(r.high)})"
 
 
 def listing(values, unit: str = "") -> str:

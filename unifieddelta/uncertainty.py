@@ -20,6 +20,12 @@ LEVEL = 0.95
 BOOTSTRAP = 2000  # resamples of a paired bootstrap
 
 
+def pts(share: float) -> str:
+    """A share as signed points with one decimal; a value that rounds to zero reads ``0.0``, not ``-0.0``."""
+    text = f"{100 * share:+.1f}"
+    return "0.0" if text in ("+0.0", "-0.0") else text
+
+
 @dataclass(frozen=True)
 class Interval:
     """An estimate with its interval: ``value`` in [``low``, ``high``] at confidence ``level``, from ``n`` questions
@@ -41,7 +47,7 @@ class Interval:
 
     def points(self) -> str:
         """In points (hundredths of a share correct): ``−3.1 (−5.0 to −1.2)``."""
-        return f"{100 * self.value:+.1f} ({100 * self.low:+.1f} to {100 * self.high:+.1f})"
+        return f"{pts(self.value)} ({pts(self.low)} to {pts(self.high)})"
 
 
 NAN = Interval(math.nan, math.nan, math.nan, 0, 0)

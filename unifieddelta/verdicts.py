@@ -18,6 +18,7 @@ import pandas as pd
 
 from . import uncertainty
 from .tables import rank_correlation
+from .uncertainty import pts
 
 UNDECIDED = "not distinguishable at this n"
 
@@ -32,6 +33,11 @@ class Verdict:
 
     def __str__(self) -> str:
         return self.sentence
+
+    @property
+    def opening(self) -> str:
+        """The sentence with a capital first letter, for a page that starts a sentence with it."""
+        return self.sentence[:1].upper() + self.sentence[1:]
 
 
 def n_text(n: int, draws: int, what: str = "masks") -> str:
@@ -184,7 +190,7 @@ def collapse(changes, setting: str, gain: float, *, subject: str = "the edit") -
     word = {"below": "collapses", "above": "does not collapse"}.get(where, UNDECIDED)
     sentence = (
         f"{subject} loses {lost:.0%} of what post-training added at its worst {setting} = {worst[setting]:g} "
-        f"(a change of {100 * worst.value:+.1f} points, 95% interval {100 * worst.low:+.1f} to {100 * worst.high:+.1f})"
+        f"(a change of {pts(worst.value)} points, 95% interval {pts(worst.low)} to {pts(worst.high)})"
     )
     return Verdict(word, sentence, {"worst": worst.to_dict(), "gain": gain, "lost": lost})
 
@@ -262,8 +268,8 @@ def on_par(questions, a: dict, b: dict, *, tolerance: float = 0.02, labels=("a",
     if diff.value != diff.value:
         return Verdict("not measured", f"{labels[0]} or {labels[1]} was not measured", diff)
     where = (
-        f"{labels[0]} minus {labels[1]}: {100 * diff.value:+.1f} points "
-        f"({100 * diff.low:+.1f} to {100 * diff.high:+.1f}, {n_text(diff.n, diff.draws, 'draws')})"
+        f"{labels[0]} minus {labels[1]}: {pts(diff.value)} points "
+        f"({pts(diff.low)} to {pts(diff.high)}, {n_text(diff.n, diff.draws, 'draws')})"
     )
     if -tolerance < diff.low and diff.high < tolerance:
         return Verdict("on par", f"on par within {100 * tolerance:.0f} points ({where})", diff)
