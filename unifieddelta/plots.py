@@ -291,9 +291,7 @@ def boxes(
     return fig
 
 
-def hist(
-    frame: pd.DataFrame, x: str, hue: str, *, xlabel: str | None = None, bins: int = 60, ax=None, hue_order=None
-):
+def hist(frame: pd.DataFrame, x: str, hue: str, *, xlabel: str | None = None, bins: int = 60, ax=None, hue_order=None):
     """Density histograms (outlines) of ``x`` per ``hue`` value; ``hue_order`` fixes each value's color (panels
     that share a legend must agree on it)."""
     fig, ax = plt.subplots(figsize=(6.0, 3.8)) if ax is None else (ax.figure, ax)

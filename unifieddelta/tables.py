@@ -243,10 +243,7 @@ def interval_table(changes, index: Sequence[str], column: str | None = None):
     points (hundredths of a share correct), rows ``index``, one column per value of ``column`` (default: the last
     of ``index``). Used by: every chapter with scores."""
     cells = changes.assign(
-        cell=[
-            f"{pts(v)} ({pts(lo)} to {pts(hi)})"
-            for v, lo, hi in zip(changes.value, changes.low, changes.high)
-        ]
+        cell=[f"{pts(v)} ({pts(lo)} to {pts(hi)})" for v, lo, hi in zip(changes.value, changes.low, changes.high)]
     )
     index = list(index)
     column = column or index[-1]
