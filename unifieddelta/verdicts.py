@@ -312,8 +312,9 @@ def rank_verdict(x: Sequence[float], y: Sequence[float], *, what: str = "the ord
     p = float((np.abs(null) >= abs(rho) - 1e-12).mean())
     evidence = {"rho": rho, "n": n, "p": p}
     if p < 0.05:
-        return Verdict("orders", f"ρ = {rho:+.2f} (n = {n}, permutation p = {p:.3f})", evidence)
-    return Verdict(UNDECIDED, f"ρ = {rho:+.2f} (n = {n}, permutation p = {p:.2f}: {UNDECIDED})", evidence)
+        shown = f"< {1 / len(perms):.0e}" if p == 0 else f"= {p:.3f}"  # no permutation as extreme: p below 1/draws
+        return Verdict("orders", f"ρ = {rho:+.2f} (n = {n}, permutation test: P {shown})", evidence)
+    return Verdict(UNDECIDED, f"ρ = {rho:+.2f} (n = {n}, permutation test: P = {p:.2f}: {UNDECIDED})", evidence)
 
 
 def curve_shape(values, *, what: str = "the curve") -> Verdict:
