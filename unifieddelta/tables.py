@@ -272,13 +272,13 @@ def interval_text(rows) -> str:
     return f"{pts(r.value)} ({pts(r.low)} to {pts(r.high)})"
 
 
-def listing(values, unit: str = "") -> str:
-    """``[4, 5], "bits"`` -> ``4 and 5 bits``; no values -> ``none of those measured``. Used by: bitdelta."""
+def listing(values, unit: str = "", *, prefix: str = "", empty: str = "none of those measured") -> str:
+    """``[4, 5], "bits"`` -> ``4 and 5 bits`` (after ``prefix``); no values -> ``empty``. Used by: bitdelta, expo."""
     values = [f"{v:g}" if isinstance(v, float) else str(v) for v in values]
     if not values:
-        return "none of those measured"
+        return empty
     text = values[0] if len(values) == 1 else ", ".join(values[:-1]) + " and " + values[-1]
-    return f"{text} {unit}".strip()
+    return f"{prefix}{text} {unit}".strip()
 
 
 def ranks_used(stats, fractions: Sequence[float]):
