@@ -252,7 +252,8 @@ def compare_settings(questions, a: str, b: str, setting: str, *, names: dict | N
     if lower:
         parts.append(f"lower at {setting} = {', '.join(lower)}")
     if open_:
-        parts.append(f"the two cannot be told apart at {setting} = {', '.join(open_)} ({UNDECIDED})")
+        both = "the two" if parts else f"{label[a]} and {label[b]}"
+        parts.append(f"{both} cannot be told apart at {setting} = {', '.join(open_)} ({UNDECIDED})")
     word = (
         "higher" if higher and not lower else "lower" if lower and not higher else "mixed" if parts else "not measured"
     )
