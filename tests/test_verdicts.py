@@ -116,6 +116,12 @@ def test_the_paper_makes_no_claim_about_edits_that_change_nothing_or_multi_bit_b
     assert classes.paper_class("extrapolate", {"alpha": 0.5}, "dpo") == "improved"
     assert classes.paper_class("extrapolate", {"alpha": 0.5}, "lm") is None
     assert classes.paper_class("dare", {"p": 0.9, "k": -1.0}, "lm") == "competitive"
+    # where the paper's own measurements stop, so do its claims
+    assert classes.paper_class("extrapolate", {"alpha": 1.0}, "dpo") is None
+    assert classes.paper_class("magnitude_trim", {"keep": 0.5}, "lm") is None
+    assert classes.paper_class("magnitude_trim", {"keep": 0.1}, "lm") == "decreased"
+    assert classes.paper_class("low_rank", {"rank": 0.5}, "lm") is None
+    assert classes.paper_class("low_rank", {"rank": 8}, "lm") is None
 
 
 def _frame(rows):
@@ -162,10 +168,15 @@ def test_disagreements_name_each_setting_and_scope():
     frame = pd.DataFrame(rows, columns=["pair", "edit", "method", "ours", "paper", "agree"])
     text = classes.disagreements(frame)
     assert text == (
-        "dare on x at p=0.9 (decreased; the paper: competitive); "
-        "bitdelta on x at linear (competitive; the paper: decreased)"
+        "dare on x, 1 setting (p=0.9) (decreased; the paper: competitive); "
+        "bitdelta on x, 1 setting (linear) (competitive; the paper: decreased)"
     )
     assert classes.disagreements(frame[frame.agree == "yes"]) == "none"
+    many = pd.DataFrame([["x", f"dare(p={p})", "dare", "decreased", "competitive", "no"] for p in (0.5, 0.7, 0.9, 0.99)],
+                        columns=frame.columns)  # fmt: skip
+    assert classes.disagreements(many) == (
+        "dare on x, 4 settings (p=0.5), (p=0.7), (p=0.9) and 1 more (decreased; the paper: competitive)"
+    )
 
 
 def test_extreme_labels_name_ties_together():

@@ -45,17 +45,30 @@ def changes_nothing(method: str, params: dict) -> bool:
     )
 
 
+#: Where the paper's claims stop: TIES's term is low at low drop rates and rises at high ones (§5.2; Fig. 3's
+#: p ≥ 0.7), Twin-Merging was measured at sparsity 0.9 only, and Fig. 6 follows EXPO to α = 0.6.
+TRIM_KEEP_MAX, RANK_MAX, EXPO_ALPHA_MAX = 0.3, 0.1, 0.6
+
+
 def paper_class(method: str, params: dict, kind: str) -> str | None:
     """The class the paper puts an edit in: competitive (term ≈ 0), decreased (> 0) or improved (< 0); None where
-    it makes no claim: interpolation, EXPO off alignment data, an edit that changes nothing, and multi-bit BitDelta
-    (the paper computes the term of 1-bit BitDelta only, and reports 4 bits *surpassing* the post-trained model).
-    DARE with any k (§4.2) and the sign-biased edit (Table 1) keep performance; the product-biased edit destroys it.
-    Used by: classification, minilm, reproduction."""
+    it makes no claim: interpolation, EXPO off alignment data or past the α its Figure 6 measured, an edit that
+    changes nothing, multi-bit BitDelta (the paper computes the term of 1-bit BitDelta only, and reports 4 bits
+    *surpassing* the post-trained model), trimming that keeps more than 30% (its term is "low" there), and low rank
+    above a tenth of the rank (Twin was measured at sparsity 0.9). DARE with any k (§4.2) and the sign-biased edit
+    keep performance and the product-biased edit destroys it — for these two the paper reports accuracy (Table 1),
+    not a term, so their class is our reading of it. Used by: classification, minilm, reproduction."""
     if changes_nothing(method, params):
         return None
     if method == "extrapolate":
-        return "improved" if params.get("alpha", 0) > 0 and kind == "dpo" else None
+        alpha = params.get("alpha", 0)
+        return "improved" if 0 < alpha <= EXPO_ALPHA_MAX and kind == "dpo" else None
     if method == "bitdelta" and (params.get("bits", 0) or 0) > 0:
+        return None
+    if method == "magnitude_trim" and params.get("keep", 0.1) > TRIM_KEEP_MAX:
+        return None
+    rank = params.get("rank", 0.1)
+    if method == "low_rank" and not (isinstance(rank, float) and rank <= RANK_MAX):
         return None
     return PAPER_CLASS.get(method)
 
@@ -137,7 +150,9 @@ def disagreements(classes) -> str:
     bad = classes[classes.agree == "no"]
     parts = []
     for (pair, method), rows in bad.groupby(["pair", "method"], sort=False):
-        settings = ", ".join(_settings(e, method) for e in rows.edit)
-        paper = rows.paper.iloc[0]
-        parts.append(f"{method} on {pair} at {settings} ({'/'.join(rows.ours.unique())}; the paper: {paper})")
+        settings = [f"({_settings(e, method)})" for e in rows.edit]
+        shown = ", ".join(settings[:3]) + (f" and {len(settings) - 3} more" if len(settings) > 3 else "")
+        count = f"{len(settings)} setting{'s' if len(settings) > 1 else ''}"
+        ours, paper = "/".join(rows.ours.unique()), rows.paper.iloc[0]
+        parts.append(f"{method} on {pair}, {count} {shown} ({ours}; the paper: {paper})")
     return "; ".join(parts) or "none"
