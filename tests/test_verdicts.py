@@ -91,6 +91,7 @@ def test_the_expectation_check_reads_the_t0_node_and_the_ratio():
     assert v.word == "holds"
     assert list(v.evidence["term / DᵀHD"]) == pytest.approx([0.4, 0.4])
     assert list(v.evidence["ΔL / DᵀHD"]) == pytest.approx([0.5, 0.5])
+    assert "C = 5 term's lies above zero at 2" in v.sentence  # a positive term at every setting, unlike its t = 0 node
     shifted = pd.DataFrame(rows).assign(first_order=lambda f: f.first_order + 1.0)
     assert verdicts.expectation_check(shifted).word == "fails"
 

@@ -259,7 +259,11 @@ def expectation_table(evidence):
     out["t = 0 node (95%)"] = [
         f"{v:+.2g} ({lo:+.2g} to {hi:+.2g})" for v, lo, hi in zip(out["t=0 mean"], out["t=0 low"], out["t=0 high"])
     ]
-    keep = [c for c in out.columns if c not in ("t=0 mean", "t=0 low", "t=0 high", "t=0 contains 0")]
+    out["term (95%)"] = [
+        f"{v:+.2g} ({lo:+.2g} to {hi:+.2g})" for v, lo, hi in zip(out["term mean"], out["term low"], out["term high"])
+    ]
+    dropped = ("t=0 mean", "t=0 low", "t=0 high", "t=0 contains 0", "term mean", "term low", "term high")
+    keep = [c for c in out.columns if c not in dropped]
     return out[keep].set_index(keep[0])
 
 

@@ -435,7 +435,7 @@ def expectation_check(trials, by: Sequence[str] = ("p",), points: int = 5) -> Ve
     predicted = (points - 1) / (2 * points)
     rows = []
     for key, g in trials.groupby(list(by), sort=True):
-        first = uncertainty.mean_interval(g.first_order)
+        first, term = uncertainty.mean_interval(g.first_order), uncertainty.mean_interval(g.term)
         dhd = 2 * g.second_order.mean()
         rows.append(
             {
@@ -445,6 +445,9 @@ def expectation_check(trials, by: Sequence[str] = ("p",), points: int = 5) -> Ve
                 "t=0 low": first.low,
                 "t=0 high": first.high,
                 "t=0 contains 0": bool(first.low <= 0 <= first.high) if first.low == first.low else None,
+                "term mean": term.value,
+                "term low": term.low,
+                "term high": term.high,
                 "term / DᵀHD": g.term.mean() / dhd if dhd else math.nan,
                 "ΔL / DᵀHD": g.loss_change.mean() / dhd if dhd else math.nan,
             }
@@ -453,9 +456,11 @@ def expectation_check(trials, by: Sequence[str] = ("p",), points: int = 5) -> Ve
     tested = evidence["t=0 contains 0"].dropna() if len(evidence) else pd.Series(dtype=bool)
     zero = int(tested.sum())
     ratio = evidence["term / DᵀHD"].median() if len(evidence) else math.nan
+    above = int((evidence["term low"] > 0).sum()) if len(evidence) else 0
     sentence = (
-        f"the t = 0 term's interval contains zero at {zero} of {len(tested)} settings; the term is "
-        f"{ratio:.2f}·E[DᵀHD] at the median setting, against (C − 1)/(2C) = {predicted:.2f} predicted"
+        f"the t = 0 term's interval contains zero at {zero} of {len(tested)} settings, while the C = {points} term's "
+        f"lies above zero at {above}; the term is {ratio:.2f}·E[DᵀHD] at the median setting, against "
+        f"(C − 1)/(2C) = {predicted:.2f} predicted"
     )
     word = "holds" if len(tested) and zero == len(tested) else "fails" if len(tested) else "not tested"
     return Verdict(word, sentence, evidence)
