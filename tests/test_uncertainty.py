@@ -128,3 +128,12 @@ def test_points_never_print_a_negative_zero():
 
     assert pts(-0.0004) == "0.0" and pts(0.0004) == "0.0" and pts(-0.012) == "-1.2" and pts(0.012) == "+1.2"
     assert Interval(-0.007, -0.015, -0.0002).points() == "-0.7 (-1.5 to 0.0)"
+
+
+def test_identical_draws_give_an_interval_that_holds_the_estimate():
+    """Two masks that each change nothing: the estimate is 0 and the interval must not sit a rounding error beside
+    it (a plot's error bar cannot be negative)."""
+    rng = np.random.default_rng(0)  # six tasks of 40 questions, as on the Gemma page, where this was found
+    post = {f"t{i}": list((rng.random(40) < 0.6).astype(float)) for i in range(6)}
+    v = paired_change(post, [post, post])
+    assert v.low <= v.value <= v.high and v.value == 0.0

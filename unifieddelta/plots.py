@@ -96,7 +96,7 @@ def intervals(
             if rows.empty:
                 continue
             dodge = 0.0 if logx else (i - (len(hues) - 1) / 2) * 0.012 * span  # error bars side by side
-            err = np.vstack([rows["value"] - rows["low"], rows["high"] - rows["value"]])
+            err = np.vstack([rows["value"] - rows["low"], rows["high"] - rows["value"]]).clip(min=0)
             ax.errorbar(rows[x] + dodge, rows["value"], yerr=err, marker="o", ms=4, lw=1.4, capsize=3,
                         color=PALETTE[i % len(PALETTE)], label=None if h is None else str(h))  # fmt: skip
         ax.axhline(0.0, color="black", lw=1.0, zorder=0, label="post-trained model")

@@ -99,6 +99,8 @@ def difference(
             stats += sign * ((questions @ x.T) * w).sum(axis=1)
     value, stats = value / len(tasks), stats / len(tasks)
     low, high = np.quantile(stats, [(1 - level) / 2, (1 + level) / 2])
+    # sums of shares in another order: an end a rounding error past the estimate is the estimate
+    low, high = (value if abs(low - value) < EPS else low), (value if abs(high - value) < EPS else high)
     n = min(len(np.asarray(a[0][t])) for t in tasks)
     return Interval(float(value), float(low), float(high), n, len(a), level)
 
@@ -122,6 +124,10 @@ def mean_interval(values: Sequence[float], level: float = LEVEL) -> Interval:
 
     half = stats.t.ppf((1 + level) / 2, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x))
     return Interval(float(x.mean()), float(x.mean() - half), float(x.mean() + half), 0, len(x), level)
+
+
+#: Floating-point slack: an interval end closer than this to the estimate is the estimate.
+EPS = 1e-12
 
 
 def relation(interval: Interval, threshold: float) -> str:
