@@ -173,8 +173,8 @@ def test_disagreements_name_each_setting_and_scope():
         "bitdelta on x, 1 setting (linear) (competitive; the paper: decreased)"
     )
     assert classes.disagreements(frame[frame.agree == "yes"]) == "none"
-    many = pd.DataFrame([["x", f"dare(p={p})", "dare", "decreased", "competitive", "no"] for p in (0.5, 0.7, 0.9, 0.99)],
-                        columns=frame.columns)  # fmt: skip
+    rows = [["x", f"dare(p={p})", "dare", "decreased", "competitive", "no"] for p in (0.5, 0.7, 0.9, 0.99)]
+    many = pd.DataFrame(rows, columns=frame.columns)
     assert classes.disagreements(many) == (
         "dare on x, 4 settings (p=0.5), (p=0.7), (p=0.9) and 1 more (decreased; the paper: competitive)"
     )
