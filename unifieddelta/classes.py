@@ -137,7 +137,7 @@ def class_summary(classes):
     return counts.reset_index()
 
 
-def _settings(edit: str, method: str) -> str:
+def edit_settings(edit: str, method: str) -> str:
     """An edit's label without its method: ``dare(p=0.9)`` -> ``p=0.9``, ``bitdelta() [linear]`` -> ``linear``."""
     inner, _, scope = edit[len(method) + 1 :].partition(")")
     parts = [inner, scope.strip(" []")]
@@ -150,7 +150,7 @@ def disagreements(classes) -> str:
     bad = classes[classes.agree == "no"]
     parts = []
     for (pair, method), rows in bad.groupby(["pair", "method"], sort=False):
-        settings = [f"({_settings(e, method)})" for e in rows.edit]
+        settings = [f"({edit_settings(e, method)})" for e in rows.edit]
         shown = ", ".join(settings[:3]) + (f" and {len(settings) - 3} more" if len(settings) > 3 else "")
         count = f"{len(settings)} setting{'s' if len(settings) > 1 else ''}"
         ours, paper = "/".join(rows.ours.unique()), rows.paper.iloc[0]
