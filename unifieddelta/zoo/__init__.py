@@ -233,7 +233,7 @@ def model_card(name: str, *, smoke: bool = False) -> dict:
 
 def _stage_text(recipe: LMRecipe | GemmaRecipe, stage: str) -> str:
     if stage == "pre" and isinstance(recipe, GemmaRecipe):
-        return "pre: Gemma-3-270m, the pretrained base (its Q4_K_M release, upcast to float32)"
+        return "pre: Gemma-3-270m, the pretrained base (a third party's Q4_K_M GGUF, upcast to float32)"
     if stage == "pre":
         return (
             f"pre-training: {recipe.pre_steps} steps × {recipe.pre_batch} documents of statements, lr {recipe.pre_lr:g}"
